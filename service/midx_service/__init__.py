@@ -1,0 +1,1 @@
+"""MIDX sampling service: the index core, the registry and the gRPC and REST front ends."""
