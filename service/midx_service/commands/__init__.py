@@ -1,0 +1,1 @@
+"""Subcommands of the midx-sampler command line."""
