@@ -72,11 +72,9 @@ class MidxIndex:
         self.fit_quantization_error = fit_quantization_error
         popularity = config.last_stage == "popularity"
         self.cells: Cells = build_cells(codes, config.num_codewords, weights if popularity else None)
-        if popularity:
-            assert weights is not None
+        self._log_weight: torch.Tensor | None = None
+        if popularity and weights is not None:
             self._log_weight = torch.where(weights > 0, weights.log(), -torch.inf).to(torch.float32)
-        else:
-            self._log_weight = None
         self._baselines: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------- building
@@ -132,9 +130,7 @@ class MidxIndex:
         )
         return index
 
-    def update_rows(
-        self, ids: ArrayLike, embeddings: ArrayLike, weights: ArrayLike | None = None
-    ) -> MidxIndex:
+    def update_rows(self, ids: ArrayLike, embeddings: ArrayLike, weights: ArrayLike | None = None) -> MidxIndex:
         """Return a new index with rows `ids` replaced by `embeddings` (U, D); this one is unchanged.
 
         ids equal to num_classes, num_classes + 1, ... append rows (they must form a contiguous run).
@@ -151,9 +147,7 @@ class MidxIndex:
         unique = torch.unique(id_vector)
         if unique.numel() != id_vector.numel():
             duplicate = _first_duplicate(id_vector)
-            raise InvalidArgumentError(
-                f"ids contains {duplicate} more than once; each id may appear once per update"
-            )
+            raise InvalidArgumentError(f"ids contains {duplicate} more than once; each id may appear once per update")
         appended = unique[unique >= num_classes]
         if appended.numel() > 0 and int(appended.max()) != num_classes + appended.numel() - 1:
             raise InvalidArgumentError(
@@ -171,9 +165,7 @@ class MidxIndex:
         codes[id_vector] = self.codebooks.encode(rows)
         row_error = self._grow(self._row_error, new_size)
         row_error[id_vector] = _relative_residual_norms(rows, self.codebooks, codes[id_vector])
-        return MidxIndex(
-            self.config, table, new_weights, self.codebooks, codes, row_error, self.fit_quantization_error
-        )
+        return MidxIndex(self.config, table, new_weights, self.codebooks, codes, row_error, self.fit_quantization_error)
 
     def refit(
         self,
@@ -206,9 +198,7 @@ class MidxIndex:
         )
         return MidxIndex(self.config, self.embeddings, self.weights, codebooks, codes, row_error, error)
 
-    def _updated_weights(
-        self, ids: torch.Tensor, weights: ArrayLike | None, num_appended: int
-    ) -> torch.Tensor | None:
+    def _updated_weights(self, ids: torch.Tensor, weights: ArrayLike | None, num_appended: int) -> torch.Tensor | None:
         if weights is None:
             if self.weights is not None and num_appended > 0:
                 raise InvalidArgumentError("this index has class weights, so appended rows need weights too")
@@ -262,9 +252,7 @@ class MidxIndex:
         device = torch.device(device)
         config = IndexConfig.from_dict(state["config"])
         table = state["embeddings"].to(device=device, dtype=torch.float32)
-        weights = (
-            None if state["weights"] is None else state["weights"].to(device=device, dtype=torch.float64)
-        )
+        weights = None if state["weights"] is None else state["weights"].to(device=device, dtype=torch.float64)
         codebooks = Codebooks(
             config.quantizer,
             state["codebook_first"].to(device=device, dtype=torch.float32),
@@ -272,9 +260,7 @@ class MidxIndex:
         )
         codes = state["codes"].to(device=device, dtype=torch.int64)
         row_error = _relative_residual_norms(table, codebooks, codes)
-        return cls(
-            config, table, weights, codebooks, codes, row_error, float(state["fit_quantization_error"])
-        )
+        return cls(config, table, weights, codebooks, codes, row_error, float(state["fit_quantization_error"]))
 
     # ------------------------------------------------------------------------------------ sampling
 
@@ -299,18 +285,12 @@ class MidxIndex:
         num_samples = check_num_samples(num_samples)
         positive_ids = None
         if positives is not None:
-            positive_ids = as_id_matrix(
-                positives, "positives", query_matrix.shape[0], self.num_classes, self.device
-            )
+            positive_ids = as_id_matrix(positives, "positives", query_matrix.shape[0], self.num_classes, self.device)
         elif exclude_positives:
-            raise InvalidArgumentError(
-                "exclude_positives needs positives: give one row of positive ids per query"
-            )
+            raise InvalidArgumentError("exclude_positives needs positives: give one row of positive ids per query")
         if self.config.metric == "cosine":
             query_matrix = _normalise_rows(query_matrix)
-        generator = torch.Generator(device=self.device).manual_seed(
-            secrets.randbits(63) if seed is None else seed
-        )
+        generator = torch.Generator(device=self.device).manual_seed(secrets.randbits(63) if seed is None else seed)
         if query_matrix.shape[0] == 0:
             return _empty_result(num_samples, positive_ids, self.device)
         if proposal is self:
@@ -348,9 +328,7 @@ class MidxIndex:
                 self._baselines[name] = ExactSampler(self.embeddings)
         return self._baselines[name]
 
-    def _log_row_mass(
-        self, s2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _log_row_mass(self, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return log T (B, K) with T[b, a] = sum_c w_ac exp(s2[b, c]) (masses scaled by mass_scale).
 
         Also returns the row shift m2 (B, 1), E2 = exp(s2 - m2) and the (B,) mask of queries whose
@@ -368,14 +346,17 @@ class MidxIndex:
             log_row_mass[rows] = torch.logsumexp(log_terms, dim=2)
         return log_row_mass, shift, exp_s2, underflow
 
-    def _log_q(
-        self, s1: torch.Tensor, s2: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor
-    ) -> torch.Tensor:
+    def _log_q(self, s1: torch.Tensor, s2: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+        """Return log Q of (B, P) ids given the log normaliser of the scaled cell masses."""
         codes = self.codes[ids]
-        log_q = s1.gather(1, codes[..., 0]) + s2.gather(1, codes[..., 1]) - log_z.unsqueeze(1)
+        # Cell masses are stored divided by mass_scale, so the true log Z is log_z + log(mass_scale).
+        log_q = (
+            s1.gather(1, codes[..., 0])
+            + s2.gather(1, codes[..., 1])
+            - (log_z + math.log(self.cells.mass_scale)).unsqueeze(1)
+        )
         if self._log_weight is not None:
-            # Masses are stored divided by mass_scale, so log Z above lacks log(mass_scale).
-            log_q = log_q + (self._log_weight[ids] - math.log(self.cells.mass_scale))
+            log_q = log_q + self._log_weight[ids]
         return log_q
 
     def _sample_midx(
@@ -485,13 +466,9 @@ class MidxIndex:
         # same_row[b, p, q]: positive q lies in the same first-codebook row as positive p.
         same_row = (first.unsqueeze(2) == first.unsqueeze(1)) & distinct.unsqueeze(1)
         column = second.unsqueeze(1).expand(batch, num_positives, num_positives)
-        removed_mass = torch.zeros(
-            batch, num_positives, num_codewords, dtype=torch.float64, device=self.device
-        )
+        removed_mass = torch.zeros(batch, num_positives, num_codewords, dtype=torch.float64, device=self.device)
         removed_mass.scatter_add_(2, column, weight.unsqueeze(1) * same_row)
-        removed_count = torch.zeros(
-            batch, num_positives, num_codewords, dtype=torch.int64, device=self.device
-        )
+        removed_count = torch.zeros(batch, num_positives, num_codewords, dtype=torch.int64, device=self.device)
         removed_count.scatter_add_(2, column, (drawable.unsqueeze(1) & same_row).to(torch.int64))
 
         mass = cells.mass.view(num_codewords, num_codewords)[first] / cells.mass_scale
@@ -515,9 +492,7 @@ class MidxIndex:
 class _ExcludedPositives:
     """Per query, the distinct positives sorted by cell position, as `_exclude_from_rows` found them."""
 
-    def __init__(
-        self, position: torch.Tensor, cell: torch.Tensor, weight: torch.Tensor, active: torch.Tensor
-    ) -> None:
+    def __init__(self, position: torch.Tensor, cell: torch.Tensor, weight: torch.Tensor, active: torch.Tensor) -> None:
         self.position = position
         self.cell = cell
         self.weight = weight
@@ -544,9 +519,7 @@ def _empty_result(num_samples: int, positives: torch.Tensor | None, device: torc
     return SampleResult(
         ids=torch.empty(0, num_samples, dtype=torch.int64, device=device),
         log_q=torch.empty(0, num_samples, dtype=torch.float32, device=device),
-        positive_log_q=None
-        if positives is None
-        else torch.empty(positives.shape, dtype=torch.float32, device=device),
+        positive_log_q=None if positives is None else torch.empty(positives.shape, dtype=torch.float32, device=device),
     )
 
 
