@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -21,7 +22,6 @@ from midx_service.core.draw import (
     Exclusions,
     draw_from_cumsum,
     draw_in_segments,
-    search_segments,
     uniform_below,
 )
 from midx_service.core.quantizer import Codebooks, fit_codebooks
@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KMEANS_ITERATIONS = 25
 DEFAULT_MAX_POINTS_PER_CODEWORD = 256
+
+# Elements of the per-block (queries x K x K) float32 workspace: 16M (64 MB) bounds sampling memory
+# whatever the batch size, and blocks of queries are sampled one after another.
+WORKSPACE_ELEMENTS = 16 * 2**20
 
 # A row mass below this (relative to the query's best codeword) loses precision in float32, so the
 # query's row masses are recomputed in log space instead.
@@ -367,6 +371,36 @@ class MidxIndex:
         exclude: bool,
         generator: torch.Generator,
     ) -> SampleResult:
+        """Sample in blocks of queries, so the (block, K, K) workspace stays within WORKSPACE_ELEMENTS."""
+        num_codewords = self.cells.num_codewords
+        block = max(1, WORKSPACE_ELEMENTS // (num_codewords * num_codewords))
+        results = []
+        for start in range(0, queries.shape[0], block):
+            rows = slice(start, start + block)
+            block_positives = None if positives is None else positives[rows]
+            results.append(
+                self._sample_midx_block(queries[rows], num_samples, block_positives, exclude, generator, start)
+            )
+        if len(results) == 1:
+            return results[0]
+        positive_log_q = None
+        if positives is not None:
+            positive_log_q = torch.cat([result.positive_log_q for result in results])  # type: ignore[misc]
+        return SampleResult(
+            ids=torch.cat([result.ids for result in results]),
+            log_q=torch.cat([result.log_q for result in results]),
+            positive_log_q=positive_log_q,
+        )
+
+    def _sample_midx_block(
+        self,
+        queries: torch.Tensor,
+        num_samples: int,
+        positives: torch.Tensor | None,
+        exclude: bool,
+        generator: torch.Generator,
+        first_query: int,
+    ) -> SampleResult:
         cells = self.cells
         num_codewords = cells.num_codewords
         batch = queries.shape[0]
@@ -376,7 +410,10 @@ class MidxIndex:
 
         # Per query, row a of `row_cumsum` is the running sum over c of w_ac exp(s2[c] - row_shift[a]).
         row_shift = shift.expand(batch, num_codewords).clone()
-        row_cumsum = cells.scaled_mass.unsqueeze(0) * exp_s2.unsqueeze(1)
+        row_cumsum = _workspace(batch * num_codewords * num_codewords, self.device).view(
+            batch, num_codewords, num_codewords
+        )
+        torch.mul(cells.scaled_mass.unsqueeze(0), exp_s2.unsqueeze(1), out=row_cumsum)
         if bool(underflow.any()):
             rows = underflow.nonzero().squeeze(1)
             safe_shift = torch.where(torch.isfinite(log_row_mass[rows]), log_row_mass[rows], 0.0)
@@ -394,40 +431,42 @@ class MidxIndex:
             log_z = torch.logsumexp(s1 + log_row_mass, dim=1)
             empty = torch.isneginf(log_z)
             if bool(empty.any()):
-                query = int(empty.nonzero()[0, 0])
+                query = first_query + int(empty.nonzero()[0, 0])
                 raise InvalidArgumentError(
                     f"query {query}: excluding its positives leaves no class that can be drawn; "
                     "sample without exclude_positives or name fewer positives"
                 )
 
         # First stage: the codeword a of the first codebook, with probability proportional to its row mass.
-        first_mass = torch.exp(s1 + log_row_mass - log_z.unsqueeze(1))
-        first_cumsum = torch.cumsum(first_mass, dim=1)
+        first_cumsum = torch.cumsum(torch.exp(s1 + log_row_mass - log_z.unsqueeze(1)), dim=1)
         first = draw_from_cumsum(first_cumsum, num_samples, generator)
 
-        # Second stage: the codeword c given a, from the running sums of row a.
-        flat_rows = row_cumsum.view(batch * num_codewords, num_codewords)
+        # Second stage: the codeword c given a, by inverse CDF on the running sums of row a.
         row_index = (torch.arange(batch, device=self.device).unsqueeze(1) * num_codewords + first).view(-1)
-        row_total = flat_rows[row_index, -1]
-        target = uniform_below(row_total, generator)
-        lengths = torch.full_like(row_index, num_codewords)
-        second = search_segments(row_cumsum.view(-1), row_index * num_codewords, lengths, target)
-        second = second.clamp(max=num_codewords - 1).view(batch, num_samples)
+        rows_drawn = row_cumsum.view(batch * num_codewords, num_codewords).index_select(0, row_index)
+        target = uniform_below(rows_drawn[:, -1].contiguous(), generator).unsqueeze(1)
+        second = torch.searchsorted(rows_drawn, target, right=True).squeeze(1).clamp_(max=num_codewords - 1)
+        second = second.view(batch, num_samples)
 
         # Last stage: a class inside cell (a, c), uniformly or by weight, skipping excluded positives.
         cell = (first * num_codewords + second).view(-1)
         exclusions = None if excluded is None else _cell_exclusions(excluded, cell, num_samples)
         positions = draw_in_segments(
             generator,
-            cells.start[cell],
-            cells.count[cell],
+            cells.start.index_select(0, cell),
+            cells.count.index_select(0, cell),
             prefix=cells.prefix,
-            mass=None if cells.prefix is None else cells.mass[cell],
-            last_positive=None if cells.last_positive is None else cells.last_positive[cell],
+            mass=None if cells.prefix is None else cells.mass.index_select(0, cell),
+            last_positive=None if cells.last_positive is None else cells.last_positive.index_select(0, cell),
             exclusions=exclusions,
         )
-        ids = cells.order[positions].view(batch, num_samples)
-        log_q = self._log_q(s1, s2, ids, log_z)
+        ids = cells.order.index_select(0, positions).view(batch, num_samples)
+
+        # log Q = s1[a] + s2[c] + log w_i - log Z, with the codes (a, c) known from the draw.
+        log_q = s1.gather(1, first) + s2.gather(1, second)
+        log_q -= (log_z + math.log(cells.mass_scale)).unsqueeze(1)
+        if self._log_weight is not None:
+            log_q += self._log_weight.index_select(0, ids.view(-1)).view(batch, num_samples)
         positive_log_q = None if positives is None else self._log_q(s1, s2, positives, log_z_full)
         return SampleResult(ids=ids, log_q=log_q, positive_log_q=positive_log_q)
 
@@ -513,6 +552,22 @@ def _cell_exclusions(excluded: _ExcludedPositives, cell: torch.Tensor, num_sampl
         active=active.reshape(-1, num_positives),
         weight=per_draw(excluded.weight),
     )
+
+
+_thread_state = threading.local()
+
+
+def _workspace(num_elements: int, device: torch.device) -> torch.Tensor:
+    """Return a float32 buffer of at least num_elements, reused by later calls on this thread.
+
+    Reusing it saves the page faults of a fresh multi-megabyte allocation on every call; each thread
+    has its own, so concurrent samplers never share one.
+    """
+    buffer = getattr(_thread_state, "buffer", None)
+    if buffer is None or buffer.device != device or buffer.numel() < num_elements:
+        buffer = torch.empty(num_elements, dtype=torch.float32, device=device)
+        _thread_state.buffer = buffer
+    return buffer[:num_elements]
 
 
 def _empty_result(num_samples: int, positives: torch.Tensor | None, device: torch.device) -> SampleResult:
