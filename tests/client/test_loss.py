@@ -79,9 +79,7 @@ def test_corrected_positive_gradient_matches_full() -> None:
     sample = _exact_sample(table, queries, positives, num_samples)
 
     _, full_query_grad, full_table_grad = _full_softmax(table, queries, positives)
-    loss, query_grad, table_grad = _sampled_softmax(
-        table, queries, positives, sample, remove_accidental_hits=False
-    )
+    loss, query_grad, table_grad = _sampled_softmax(table, queries, positives, sample, remove_accidental_hits=False)
 
     # With Q equal to the softmax every corrected logit is log Z - log M, so the value is constant.
     assert float(loss) == pytest.approx(math.log(num_samples + 1), rel=1e-4)
@@ -114,9 +112,7 @@ def test_loss_matches_hand_computed_value() -> None:
     )
 
     corrected = sampled_softmax_loss_from_logits(positive_logit, negative_logits, [7], sample)
-    uncorrected = sampled_softmax_loss_from_logits(
-        positive_logit, negative_logits, [7], sample, correct_positive=False
-    )
+    uncorrected = sampled_softmax_loss_from_logits(positive_logit, negative_logits, [7], sample, correct_positive=False)
 
     # M = 2: each logit minus log(2 Q).
     positive = 1.0 - math.log(2 * 0.2)
@@ -178,13 +174,9 @@ def test_all_negatives_hits_gives_zero_loss() -> None:
 def test_never_drawn_positive_is_left_uncorrected() -> None:
     positive_logits = torch.tensor([0.5, 0.5], requires_grad=True)
     negative_logits = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
-    sample = Sample(
-        ids=[[1, 2], [1, 2]], log_q=[[-1.0, -1.5], [-1.0, -1.5]], positive_log_q=[[-math.inf], [-3.0]]
-    )
+    sample = Sample(ids=[[1, 2], [1, 2]], log_q=[[-1.0, -1.5], [-1.0, -1.5]], positive_log_q=[[-math.inf], [-3.0]])
 
-    terms = sampled_softmax_loss_from_logits(
-        positive_logits, negative_logits, [0, 0], sample, reduction="none"
-    )
+    terms = sampled_softmax_loss_from_logits(positive_logits, negative_logits, [0, 0], sample, reduction="none")
     terms.sum().backward()
     uncorrected = sampled_softmax_loss_from_logits(
         positive_logits, negative_logits, [0, 0], sample, correct_positive=False, reduction="none"
@@ -226,9 +218,7 @@ def test_several_positives_one_term_each() -> None:
     sample = Sample(ids=negatives, log_q=log_q, positive_log_q=positive_log_q)
 
     loss = sampled_softmax_loss_from_logits(positive_logits, negative_logits, positives, sample)
-    terms = sampled_softmax_loss_from_logits(
-        positive_logits, negative_logits, positives, sample, reduction="none"
-    )
+    terms = sampled_softmax_loss_from_logits(positive_logits, negative_logits, positives, sample, reduction="none")
 
     log_m = math.log(4)
     expected = torch.empty(2, 3)
@@ -264,9 +254,7 @@ def test_embedding_form_matches_logit_form() -> None:
 def test_loss_accepts_numpy_sample() -> None:
     sample = Sample(ids=np.array([[1, 2]]), log_q=np.array([[-1.0, -2.0]]), positive_log_q=np.array([[-1.5]]))
 
-    loss = sampled_softmax_loss_from_logits(
-        torch.tensor([0.3]), torch.tensor([[0.1, 0.2]]), np.array([0]), sample
-    )
+    loss = sampled_softmax_loss_from_logits(torch.tensor([0.3]), torch.tensor([[0.1, 0.2]]), np.array([0]), sample)
 
     assert math.isfinite(float(loss))
 

@@ -106,9 +106,7 @@ def test_build_corpus_rejects_bad_heldout_fraction() -> None:
 
 
 def test_target_positions_stay_inside_documents() -> None:
-    split = corpus.Split(
-        tokens=np.arange(10, dtype=np.int64), document_starts=np.array([0, 3, 4], dtype=np.int64)
-    )
+    split = corpus.Split(tokens=np.arange(10, dtype=np.int64), document_starts=np.array([0, 3, 4], dtype=np.int64))
 
     assert split.target_positions(2).tolist() == [2, 6, 7, 8, 9]
     assert split.target_positions(0).tolist() == list(range(10))

@@ -65,8 +65,10 @@ class MidxIndex:
         codes: torch.Tensor,
         row_error: torch.Tensor,
         fit_quantization_error: float,
+        codebook_fit: str = "kmeans",
     ) -> None:
         self.config = config
+        self.codebook_fit = codebook_fit
         self.device = embeddings.device
         self.embeddings = embeddings
         self.weights = weights
@@ -107,7 +109,7 @@ class MidxIndex:
             raise InvalidArgumentError("embeddings has 0 rows; an index needs at least one class")
         weight_vector = _check_weights(config, weights, table.shape[0], device)
         if config.metric == "cosine":
-            table = _normalise_rows(table)
+            table = normalise_rows(table)
 
         started = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -120,7 +122,7 @@ class MidxIndex:
             max_points_per_codeword=max_points_per_codeword,
         )
         codes = codebooks.encode(table)
-        row_error = _relative_residual_norms(table, codebooks, codes)
+        row_error = relative_residual_norms(table, codebooks, codes)
         error = _mean_error(row_error, table)
         index = cls(config, table, weight_vector, codebooks, codes, row_error, error)
         logger.info(
@@ -160,7 +162,7 @@ class MidxIndex:
             )
         new_weights = self._updated_weights(id_vector, weights, appended.numel())
         if self.config.metric == "cosine":
-            rows = _normalise_rows(rows)
+            rows = normalise_rows(rows)
 
         new_size = num_classes + appended.numel()
         table = self._grow(self.embeddings, new_size)
@@ -168,8 +170,17 @@ class MidxIndex:
         codes = self._grow(self.codes, new_size)
         codes[id_vector] = self.codebooks.encode(rows)
         row_error = self._grow(self._row_error, new_size)
-        row_error[id_vector] = _relative_residual_norms(rows, self.codebooks, codes[id_vector])
-        return MidxIndex(self.config, table, new_weights, self.codebooks, codes, row_error, self.fit_quantization_error)
+        row_error[id_vector] = relative_residual_norms(rows, self.codebooks, codes[id_vector])
+        return MidxIndex(
+            self.config,
+            table,
+            new_weights,
+            self.codebooks,
+            codes,
+            row_error,
+            self.fit_quantization_error,
+            codebook_fit=self.codebook_fit,
+        )
 
     def refit(
         self,
@@ -191,7 +202,7 @@ class MidxIndex:
             init=self.codebooks,
         )
         codes = codebooks.encode(self.embeddings)
-        row_error = _relative_residual_norms(self.embeddings, codebooks, codes)
+        row_error = relative_residual_norms(self.embeddings, codebooks, codes)
         error = _mean_error(row_error, self.embeddings)
         logger.info(
             "codebooks refitted: %d classes, quantisation error %.4f -> %.4f, %.2f s",
@@ -248,6 +259,7 @@ class MidxIndex:
             "codebook_second": self.codebooks.second.cpu(),
             "codes": self.codes.cpu(),
             "fit_quantization_error": self.fit_quantization_error,
+            "codebook_fit": self.codebook_fit,
         }
 
     @classmethod
@@ -263,8 +275,17 @@ class MidxIndex:
             state["codebook_second"].to(device=device, dtype=torch.float32),
         )
         codes = state["codes"].to(device=device, dtype=torch.int64)
-        row_error = _relative_residual_norms(table, codebooks, codes)
-        return cls(config, table, weights, codebooks, codes, row_error, float(state["fit_quantization_error"]))
+        row_error = relative_residual_norms(table, codebooks, codes)
+        return cls(
+            config,
+            table,
+            weights,
+            codebooks,
+            codes,
+            row_error,
+            float(state["fit_quantization_error"]),
+            codebook_fit=str(state.get("codebook_fit", "kmeans")),
+        )
 
     # ------------------------------------------------------------------------------------ sampling
 
@@ -293,7 +314,7 @@ class MidxIndex:
         elif exclude_positives:
             raise InvalidArgumentError("exclude_positives needs positives: give one row of positive ids per query")
         if self.config.metric == "cosine":
-            query_matrix = _normalise_rows(query_matrix)
+            query_matrix = normalise_rows(query_matrix)
         generator = torch.Generator(device=self.device).manual_seed(secrets.randbits(63) if seed is None else seed)
         if query_matrix.shape[0] == 0:
             return _empty_result(num_samples, positive_ids, self.device)
@@ -307,7 +328,7 @@ class MidxIndex:
         query_matrix = as_float_matrix(queries, "queries", self.config.dim, self.device)
         id_matrix = as_id_matrix(ids, "ids", query_matrix.shape[0], self.num_classes, self.device)
         if self.config.metric == "cosine":
-            query_matrix = _normalise_rows(query_matrix)
+            query_matrix = normalise_rows(query_matrix)
         if query_matrix.shape[0] == 0:
             return torch.empty(id_matrix.shape, dtype=torch.float32, device=self.device)
         if proposal is self:
@@ -591,12 +612,12 @@ def _check_weights(
     return vector
 
 
-def _normalise_rows(rows: torch.Tensor) -> torch.Tensor:
+def normalise_rows(rows: torch.Tensor) -> torch.Tensor:
     norms = rows.norm(dim=1, keepdim=True)
     return rows / torch.where(norms > 0, norms, 1.0)
 
 
-def _relative_residual_norms(rows: torch.Tensor, codebooks: Codebooks, codes: torch.Tensor) -> torch.Tensor:
+def relative_residual_norms(rows: torch.Tensor, codebooks: Codebooks, codes: torch.Tensor) -> torch.Tensor:
     """Return ||row - reconstruction|| / ||row|| per row (0 for rows of zero norm)."""
     norms = rows.norm(dim=1)
     residual = (rows - codebooks.reconstruct(codes)).norm(dim=1)
