@@ -14,7 +14,7 @@ from midx_client.types import IndexInfo
 Output = Literal["numpy", "torch"]
 
 # Wire dtypes: NumPy names with an explicit little-endian byte order.
-WIRE_DTYPES = {
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "int64": np.dtype("<i8"),
@@ -56,9 +56,9 @@ def as_output(array: np.ndarray, output: Output) -> Any:
 
 def table_sha256(embeddings: np.ndarray, weights: np.ndarray | None) -> bytes:
     """Return the SHA-256 of the table's bytes followed by the weights' bytes (the upload checksum)."""
-    digest = hashlib.sha256(memoryview(embeddings).cast("B"))
+    digest = hashlib.sha256(np.ascontiguousarray(embeddings).data.cast("B"))
     if weights is not None:
-        digest.update(memoryview(weights).cast("B"))
+        digest.update(np.ascontiguousarray(weights).data.cast("B"))
     return digest.digest()
 
 
@@ -101,7 +101,7 @@ def info_from_proto(info: _pb.IndexInfo) -> IndexInfo:
 def floats_from_json(values: Any) -> np.ndarray:
     """Return a float32 array from JSON numbers, where null stands for -inf."""
     array = np.array(values, dtype=object)
-    array[np.equal(array, None)] = -np.inf
+    array[np.equal(array, None)] = -np.inf  # type: ignore[call-overload]
     return array.astype(np.float32)
 
 
