@@ -114,6 +114,8 @@ class SamplerService:
                 "ask for fewer samples per query"
             )
         snapshot = await self.registry.snapshot(name, min_version)
+        assert snapshot.index is not None
+        queries = _empty_batch_as_matrix(queries, snapshot.index.config.dim)
         call = SampleCall(queries, num_samples, positives, exclude_positives, sampler or "midx", seed)
 
         result, version = await self.batcher.sample(name, snapshot, call)
@@ -138,6 +140,7 @@ class SamplerService:
         snapshot = await self.registry.snapshot(name, min_version)
         index = snapshot.index
         assert index is not None
+        queries = _empty_batch_as_matrix(queries, index.config.dim)
 
         log_q = await self.registry.compute(index.log_prob, queries, ids, sampler=sampler or "midx")
 
@@ -156,3 +159,10 @@ class SamplerService:
     def _observe_batch(self, rows: int, requests: int) -> None:
         self.metrics.batch_queries.observe(rows)
         self.metrics.batch_requests.observe(requests)
+
+
+def _empty_batch_as_matrix(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Return an empty JSON batch `[]` (shape (0,)) as a (0, dim) matrix, so it answers an empty result."""
+    if queries.ndim == 1 and queries.shape[0] == 0:
+        return queries.reshape(0, dim)
+    return queries
