@@ -70,6 +70,7 @@ def _rpc(
             return await method(self, request, context)
         except MidxError as error:
             status = grpc_status(error)
+            logger.debug("%s rejected with %s: %s", method.__name__, status.name, error)
             await context.abort(status, str(error))
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
@@ -354,6 +355,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 text = value.decode() if isinstance(value, bytes) else value
-                scheme, _, given = text.partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
+                scheme, _, received = text.partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    received.strip().encode(), self._token
+                )
         return False

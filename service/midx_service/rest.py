@@ -321,8 +321,8 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         if token is None:
             return
         header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        scheme, _, received = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(received.strip().encode(), token.encode()):
             raise UnauthenticatedError(
                 "missing or wrong bearer token; send the header 'Authorization: Bearer <MIDX_API_TOKEN>'"
             )
@@ -332,6 +332,8 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         status = http_status(error)
         if status >= 500 and not isinstance(error, UnavailableError):
             logger.error("%s %s failed: %s", request.method, request.url.path, error)
+        else:
+            logger.debug("%s %s rejected with %d: %s", request.method, request.url.path, status, error)
         return _error_response(status, error.code, str(error))
 
     @app.exception_handler(RequestValidationError)
@@ -476,7 +478,7 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
 
     @api.post(
         "/indexes/{name}/log-prob",
-        summary="Log Q of given ids for a batch of queries",
+        summary="Log Q of received ids for a batch of queries",
         response_model=LogProbResponseBody,
         responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
     )

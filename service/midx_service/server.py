@@ -38,9 +38,9 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class SamplerServer:
     """Both front ends over one registry, in the running event loop.
 
-    `start()` binds the ports (0 picks free ones; read `http_port` and `grpc_port` afterwards) and
-    `stop()` turns the gRPC health status to NOT_SERVING and /readyz to 503 first, then lets running
-    requests finish for up to shutdown_grace_seconds.
+    `start()` binds the ports, where 0 picks a free one, and `http_port` / `grpc_port` report them
+    afterwards. `stop()` turns the gRPC health status to NOT_SERVING and /readyz to 503 first, then
+    lets running requests finish for up to shutdown_grace_seconds.
     """
 
     def __init__(self, settings: Settings, *, store: MutationStore | None = None) -> None:

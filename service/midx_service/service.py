@@ -1,7 +1,7 @@
 """The operations both front ends expose: request limits, dynamic batching and the registry, in one place.
 
 The REST router and the gRPC servicer translate their wire formats to these calls and the results
-back; every rule a request must meet is checked here or in the index core, never in a front end.
+back. Every rule a request must meet is checked here or in the index core, never in a front end.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class SamplerService:
 
 
 def _empty_batch_as_matrix(queries: np.ndarray, dim: int) -> np.ndarray:
-    """Return an empty JSON batch `[]` (shape (0,)) as a (0, dim) matrix, so it answers an empty result."""
+    """Return an empty JSON batch `[]` (shape (0,)) as a (0, dim) matrix, so it returns an empty result."""
     if queries.ndim == 1 and queries.shape[0] == 0:
         return queries.reshape(0, dim)
     return queries

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         512 * MIB, ge=1024, description="largest REST body and largest uploaded table, in bytes"
     )
-    max_batch: int = Field(65536, ge=1, description="most queries in one sample or log-prob request")
+    max_batch: int = Field(65536, ge=1, description="maximum queries in one sample or log-prob request")
     max_num_samples: int = Field(100_000, ge=1, description="largest num_samples per query")
     batch_window_ms: float = Field(
         2.0,

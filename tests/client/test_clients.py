@@ -1,4 +1,4 @@
-"""Both clients (gRPC and REST, blocking and asyncio) against a real server: same API, same answers."""
+"""Both clients (gRPC and REST, blocking and asyncio) against a real server: same API, same results."""
 
 from __future__ import annotations
 

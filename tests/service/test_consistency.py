@@ -1,4 +1,4 @@
-"""Concurrent samplers and updaters never see a torn version: every answer matches the version it reports."""
+"""Concurrent samplers and updaters never see a torn version: each response matches its version."""
 
 from __future__ import annotations
 
