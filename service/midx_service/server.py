@@ -65,9 +65,7 @@ class SamplerServer:
     async def start(self) -> None:
         started = time.perf_counter()
         if self.settings.token is None:
-            logger.warning(
-                "MIDX_API_TOKEN is not set: every route, mutations included, is open to any caller"
-            )
+            logger.warning("MIDX_API_TOKEN is not set: every route, mutations included, is open to any caller")
         await self.registry.restore()
         await self._start_grpc()
         await self._start_rest()

@@ -83,9 +83,7 @@ def test_answers_match_the_version_they_report(start_server: Any) -> None:
         if sampler == "exact":
             logits = torch.from_numpy(queries).double() @ torch.from_numpy(tables[version]).double().T
             expected = torch.log_softmax(logits, dim=1).gather(1, torch.from_numpy(ids)).numpy()
-            np.testing.assert_allclose(
-                log_q, expected, atol=1e-4, err_msg=f"exact sampler, version {version}"
-            )
+            np.testing.assert_allclose(log_q, expected, atol=1e-4, err_msg=f"exact sampler, version {version}")
         else:
             expected = references[version].log_prob(queries, ids).numpy()
             np.testing.assert_allclose(log_q, expected, atol=1e-4, err_msg=f"midx sampler, version {version}")
