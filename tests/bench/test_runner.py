@@ -12,6 +12,8 @@ from midx_service.bench.samplers import two_stage_multinomial
 from midx_service.core import IndexConfig, MidxIndex
 from tests.core.conftest import assert_draws_follow, brute_force_log_q
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def result():

@@ -131,7 +131,7 @@ def test_tail_class_log_q_stays_finite():
     torch.testing.assert_close(log_q, torch.tensor([[0.0, -200.0]]), atol=1e-4, rtol=0)
 
 
-def test_queries_of_large_norm_use_the_log_space_path(table):
+def test_sample_large_norm_queries(table):
     index = build(table, num_codewords=6)
     queries = torch.randn(3, 8, generator=torch.Generator().manual_seed(4)) * 300
 

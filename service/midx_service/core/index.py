@@ -301,8 +301,8 @@ class MidxIndex:
     ) -> SampleResult:
         """Draw `num_samples` (M) classes for each of the (B, D) queries from the chosen proposal.
 
-        positives: optional (B, P) ids; their log Q (under the full proposal) is returned, and with
-        exclude_positives they are never drawn and the negatives' log Q is renormalised over the
+        positives: optional (B, P) ids whose log Q under the full proposal is returned. With
+        exclude_positives they are never drawn, and the negatives' log Q is renormalised over the
         remaining classes. seed makes the draws reproducible on the same device.
         """
         proposal = self._sampler(sampler)
