@@ -467,12 +467,10 @@ def _no_table_error(entry: _Entry) -> MidxError:
         return UnavailableError(f"index {entry.name!r} is building its first table; retry when it is ready")
     if entry.status is IndexStatus.FAILED:
         return FailedPreconditionError(
-            f"index {entry.name!r} has no table because its build failed ({entry.error}); "
-            "upload the table again"
+            f"index {entry.name!r} has no table because its build failed ({entry.error}); upload the table again"
         )
     return FailedPreconditionError(
-        f"index {entry.name!r} has no table yet; upload embeddings first "
-        f"(PUT /v1/indexes/{entry.name}/embeddings)"
+        f"index {entry.name!r} has no table yet; upload embeddings first (PUT /v1/indexes/{entry.name}/embeddings)"
     )
 
 
