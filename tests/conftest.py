@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -79,3 +80,57 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
 @pytest.fixture
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server()
+
+
+class ComputeGate:
+    """Occupies one compute thread of a running server until `open()`.
+
+    With compute_threads=1 every index build and sampling call on that server waits behind the gate,
+    which lets a test look at the server while work is queued.
+    """
+
+    def __init__(self, running: RunningServer) -> None:
+        self._open = threading.Event()
+        self._entered = threading.Event()
+        coroutine = running.server.registry.compute(self._hold)
+        self._future = asyncio.run_coroutine_threadsafe(coroutine, running.loop)
+        if not self._entered.wait(30):
+            pytest.fail("the compute thread did not pick up the gate within 30 s")
+
+    def _hold(self) -> None:
+        self._entered.set()
+        self._open.wait(120)
+
+    def open(self) -> None:
+        self._open.set()
+        self._future.result(30)
+
+
+@pytest.fixture
+def hold_compute() -> Iterator[Callable[[RunningServer], ComputeGate]]:
+    """Return a function that puts a `ComputeGate` on a server; gates still closed are opened at teardown."""
+    gates: list[ComputeGate] = []
+
+    def hold(running: RunningServer) -> ComputeGate:
+        gate = ComputeGate(running)
+        gates.append(gate)
+        return gate
+
+    yield hold
+    for gate in gates:
+        gate.open()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_seconds: float = 30.0) -> None:
+    """Poll `condition` every 10 ms until it is true; fail the test after `timeout_seconds`."""
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_seconds:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def poll() -> Callable[..., None]:
+    """Return `wait_until`, for tests that wait on a condition with a deadline."""
+    return wait_until

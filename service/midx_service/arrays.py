@@ -75,6 +75,13 @@ def load_npz(body: bytes, allowed: tuple[str, ...], required: tuple[str, ...]) -
     return arrays
 
 
+def save_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """Return `arrays` as the bytes of an uncompressed .npz file, the format `load_npz` reads."""
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()
+
+
 def json_floats(array: np.ndarray) -> list[Any]:
     """Return `array` as nested lists for JSON, with -inf (and any other non-finite value) as null."""
     finite = np.isfinite(array)

@@ -215,8 +215,21 @@ class IndexRegistry:
         return [self._state(entry) for entry in sorted(self._entries.values(), key=lambda entry: entry.name)]
 
     def ready(self) -> bool:
-        """True when every index is ready (and so when there is none)."""
-        return all(entry.status is IndexStatus.READY for entry in self._entries.values())
+        """True when every index can serve samples (and so when there is none); see `unready`."""
+        return not self.unready()
+
+    def unready(self) -> list[IndexState]:
+        """Return the states of the indexes that cannot serve samples, sorted by name.
+
+        An index serves from its current snapshot, so one that builds a new table or refits its
+        codebooks while an earlier snapshot serves counts as ready. An empty index, one building its
+        first table and one whose first build failed do not.
+        """
+        return [
+            self._state(entry)
+            for entry in sorted(self._entries.values(), key=lambda entry: entry.name)
+            if entry.current.index is None or entry.status is IndexStatus.FAILED
+        ]
 
     async def snapshot(self, name: str, min_version: int | None = None) -> Snapshot:
         """Return the current snapshot of a ready index, first waiting for `min_version` if given.

@@ -10,16 +10,25 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from midx_service.arrays import NPY_CONTENT_TYPE, NPZ_CONTENT_TYPE, from_json, json_floats, load_npy, load_npz
+from midx_service.arrays import (
+    NPY_CONTENT_TYPE,
+    NPZ_CONTENT_TYPE,
+    from_json,
+    json_floats,
+    load_npy,
+    load_npz,
+    save_npz,
+)
 from midx_service.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -34,6 +43,11 @@ from midx_service.registry import IndexState
 from midx_service.service import SamplerService
 
 logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+SamplerName = Literal["midx", "uniform", "unigram", "exact"]
+
+JSON_CONTENT_TYPE = "application/json"
 
 # The one exception-to-status mapping of the REST transport.
 HTTP_STATUS = {
@@ -120,7 +134,7 @@ class SampleBody(BaseModel):
     num_samples: int = Field(description="classes M drawn per query")
     positives: list[list[int]] | None = Field(None, description="(B, P) ids whose log Q is returned")
     exclude_positives: bool = Field(False, description="never draw a query's positives")
-    sampler: Literal["midx", "uniform", "unigram", "exact"] = "midx"
+    sampler: SamplerName = "midx"
     seed: int | None = Field(None, description="makes the draws reproducible")
     min_version: int | None = Field(None, description="wait (bounded) until the index has this version")
 
@@ -137,7 +151,7 @@ class LogProbBody(BaseModel):
 
     queries: list[list[float]] = Field(description="(B, D) query vectors")
     ids: list[list[int]] = Field(description="(B, P) class ids")
-    sampler: Literal["midx", "uniform", "unigram", "exact"] = "midx"
+    sampler: SamplerName = "midx"
     min_version: int | None = None
 
 
@@ -152,25 +166,47 @@ def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or wrong bearer token",
         404: "unknown index",
         409: "index exists already, has no table yet, or min_version was not reached in time",
-        413: "body or table above the configured size limit",
+        413: "body, table, batch or num_samples above its configured limit (the message names the setting)",
         422: "body does not match the schema",
         503: "index is building its first table, or persistence is unavailable",
     }
     return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
 
 
-def _binary_body_doc(description: str, arrays: str) -> dict[str, Any]:
+def _binary_body_doc(
+    description: str, arrays: str, binary_types: tuple[str, ...] = (NPY_CONTENT_TYPE, NPZ_CONTENT_TYPE)
+) -> dict[str, Any]:
+    """Return the OpenAPI request body of a route that takes the JSON model `arrays` or a binary file."""
+    content: dict[str, Any] = {JSON_CONTENT_TYPE: {"schema": {"$ref": f"#/components/schemas/{arrays}"}}}
+    for media_type in binary_types:
+        content[media_type] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "description": description, "content": content}}
+
+
+def _npz_response_doc(description: str) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI entry of a 200 response that is .npz when the Accept header requests it."""
     return {
-        "requestBody": {
-            "required": True,
+        200: {
             "description": description,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{arrays}"}},
-                NPY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
-                NPZ_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
-            },
+            "content": {NPZ_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
         }
     }
+
+
+def _add_body_schemas(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Add to the OpenAPI components the JSON body models that only `_binary_body_doc` refers to."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            schemas.setdefault(model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}"))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _info_body(state: IndexState) -> dict[str, Any]:
@@ -202,17 +238,25 @@ def _error_response(status: int, code: str, message: str) -> JSONResponse:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """Return the request body, raising ResourceExhaustedError as soon as it passes `limit` bytes."""
+    """Return the request body, raising ResourceExhaustedError as soon as it passes `limit` bytes.
+
+    A body sent with chunked transfer encoding has no Content-Length, so its size is counted while
+    it is read, and reading stops at the first chunk past the limit.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ResourceExhaustedError(
-            f"the body is {declared} bytes, above the limit of {limit} bytes (MIDX_MAX_BODY_BYTES)"
+            f"the body is {declared} bytes, above the limit of {limit} bytes; send a smaller body or raise "
+            "the limit with MIDX_MAX_BODY_BYTES (--max-body-bytes)"
         )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ResourceExhaustedError(f"the body is more than {limit} bytes, above the limit (MIDX_MAX_BODY_BYTES)")
+            raise ResourceExhaustedError(
+                f"the body is more than {limit} bytes, above the limit; send a smaller body or raise the "
+                "limit with MIDX_MAX_BODY_BYTES (--max-body-bytes)"
+            )
     return bytes(body)
 
 
@@ -237,7 +281,108 @@ def _check_digest(request: Request, body: bytes) -> None:
 
 
 def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return request.headers.get("content-type", JSON_CONTENT_TYPE).split(";")[0].strip().lower()
+
+
+def _accepts_npz(request: Request) -> bool:
+    """True when the Accept header ranks application/x-npz at least as high as application/json.
+
+    A missing Accept header and wildcards such as */* get JSON, so only a client that names
+    application/x-npz gets the binary form.
+    """
+    quality = {NPZ_CONTENT_TYPE: 0.0, JSON_CONTENT_TYPE: 0.0}
+    for item in request.headers.get("accept", "").split(","):
+        media_type, *parameters = (part.strip().lower() for part in item.split(";"))
+        if media_type not in quality:
+            continue
+        weight = 1.0
+        for parameter in parameters:
+            key, _, value = parameter.partition("=")
+            if key.strip() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        quality[media_type] = max(quality[media_type], weight)
+    return quality[NPZ_CONTENT_TYPE] > 0 and quality[NPZ_CONTENT_TYPE] >= quality[JSON_CONTENT_TYPE]
+
+
+def _parse_model(model: type[ModelT], body: bytes) -> ModelT:
+    """Return the JSON `body` validated against `model`; a mismatch is a 422, as for FastAPI's own bodies."""
+    values = _parse_json(body)
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        problems = [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors()]
+        raise RequestValidationError(problems) from None
+
+
+def _reject_query_options(request: Request, names: tuple[str, ...]) -> None:
+    given = sorted(set(request.query_params) & set(names))
+    if given:
+        raise InvalidArgumentError(
+            f"query parameters {given} are read only with an {NPZ_CONTENT_TYPE} body; put them in the JSON body instead"
+        )
+
+
+def _check_array_media_type(request: Request) -> str:
+    media_type = _media_type(request)
+    if media_type not in (JSON_CONTENT_TYPE, NPZ_CONTENT_TYPE):
+        raise InvalidArgumentError(
+            f"Content-Type {media_type!r} is not supported; send {JSON_CONTENT_TYPE} or {NPZ_CONTENT_TYPE}"
+        )
+    return media_type
+
+
+async def _array_response(request: Request, arrays: dict[str, np.ndarray | None], version: int) -> Response:
+    """Return `arrays` and `version` as .npz when the Accept header requests it, else as JSON.
+
+    An array that is None is left out of an .npz response and is null in JSON. Float arrays keep -inf
+    in .npz and carry it as null in JSON. Building JSON for a large batch takes tens of milliseconds,
+    so it runs on a worker thread while the event loop serves health checks.
+    """
+    headers = {"vary": "accept"}
+    present = {key: array for key, array in arrays.items() if array is not None}
+    if _accepts_npz(request):
+        content = save_npz({**present, "version": np.asarray(version, dtype=np.int64)})
+        return Response(content, media_type=NPZ_CONTENT_TYPE, headers=headers)
+    content = await run_in_threadpool(_json_response_body, arrays, version)
+    return Response(content, media_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+def _json_response_body(arrays: dict[str, np.ndarray | None], version: int) -> bytes:
+    body: dict[str, Any] = {}
+    for key, array in arrays.items():
+        if array is None:
+            body[key] = None
+        else:
+            body[key] = json_floats(array) if array.dtype.kind == "f" else array.tolist()
+    body["version"] = version
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+
+
+_SAMPLE_QUERY_OPTIONS = ("num_samples", "exclude_positives", "sampler", "seed", "min_version")
+_LOG_PROB_QUERY_OPTIONS = ("sampler", "min_version")
+
+
+def _sample_arguments_from_json(body: bytes) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Return the queries, num_samples and the keyword options of `SamplerService.sample`."""
+    parsed = _parse_model(SampleBody, body)
+    options = {
+        "positives": None if parsed.positives is None else from_json(parsed.positives, "positives", np.int64),
+        "exclude_positives": parsed.exclude_positives,
+        "sampler": parsed.sampler,
+        "seed": parsed.seed,
+        "min_version": parsed.min_version,
+    }
+    return from_json(parsed.queries, "queries", np.float32), parsed.num_samples, options
+
+
+def _log_prob_arguments_from_json(body: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return the queries, the ids and the keyword options of `SamplerService.log_prob`."""
+    parsed = _parse_model(LogProbBody, body)
+    options = {"sampler": parsed.sampler, "min_version": parsed.min_version}
+    return from_json(parsed.queries, "queries", np.float32), from_json(parsed.ids, "ids", np.int64), options
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
@@ -339,15 +484,16 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         )
         return _error_response(422, "invalid_argument", f"the body does not match the schema: {problems}")
 
-    @app.exception_handler(Exception)
-    async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("%s %s failed unexpectedly", request.method, request.url.path)
-        return _error_response(500, "internal", f"internal error: {type(error).__name__}")
-
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as error:
+            # Handled here and not by an exception handler for Exception, because Starlette re-raises
+            # after such a handler and uvicorn then closes the keep-alive connection under the client.
+            logger.exception("%s %s failed unexpectedly", request.method, request.url.path)
+            response = _error_response(500, "internal", f"internal error: {type(error).__name__}")
         route = request.scope.get("route")
         method = getattr(route, "name", None) or "unknown"
         metrics.observe("rest", method, str(response.status_code), time.perf_counter() - started)
@@ -361,17 +507,19 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
 
     @health.get(
         "/readyz",
-        summary="Every index is ready (503 while any is building or failed, or while stopping)",
+        summary="Every index can serve samples",
+        description="503 while an index has no table, builds its first table or failed to build it, and "
+        "while the server stops. An index that builds a new table or refits its codebooks while an "
+        "earlier version serves counts as ready.",
         responses=_error_responses(503),
     )
     async def readyz() -> Any:
         if is_stopping():
             return _error_response(503, "unavailable", "the server is stopping")
-        not_ready = [
-            f"{state.name} ({state.status.value})" for state in service.list_indexes() if state.status.value != "ready"
-        ]
-        if not_ready:
-            return _error_response(503, "unavailable", f"indexes not ready: {', '.join(not_ready)}")
+        unready = service.unready_indexes()
+        if unready:
+            listed = ", ".join(f"{state.name} ({state.status.value})" for state in unready)
+            return _error_response(503, "unavailable", f"indexes that cannot serve samples yet: {listed}")
         return {"status": "ready"}
 
     api = APIRouter(prefix="/v1", tags=["indexes"], dependencies=[Depends(require_token)])
@@ -441,44 +589,96 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         "/indexes/{name}/sample",
         summary="Draw negatives for a batch of queries",
         response_model=SampleResponseBody,
-        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
+        responses={
+            **_npz_response_doc(
+                "With 'Accept: application/x-npz', an .npz file with arrays `ids` (B, M) int64, `log_q` "
+                "(B, M) float32, `positive_log_q` (B, P) float32 when positives were sent, and the 0-d "
+                "int64 `version`. log Q keeps -inf there; JSON sends it as null."
+            ),
+            **_error_responses(400, 401, 404, 409, 413, 422, 503),
+        },
+        openapi_extra=_binary_body_doc(
+            "JSON {queries, num_samples, positives?, exclude_positives?, sampler?, seed?, min_version?}, or an "
+            ".npz file with arrays `queries` (B, D) float32 and optionally `positives` (B, P) int64. With an "
+            ".npz body the options are query parameters, and num_samples is required.",
+            "SampleBody",
+            (NPZ_CONTENT_TYPE,),
+        ),
     )
-    async def sample(name: str, body: SampleBody) -> Any:
-        positives = None if body.positives is None else from_json(body.positives, "positives", np.int64)
-        answer = await service.sample(
-            name,
-            from_json(body.queries, "queries", np.float32),
-            body.num_samples,
-            positives=positives,
-            exclude_positives=body.exclude_positives,
-            sampler=body.sampler,
-            seed=body.seed,
-            min_version=body.min_version,
-        )
-        return JSONResponse(
-            {
-                "ids": answer.ids.tolist(),
-                "log_q": json_floats(answer.log_q),
-                "positive_log_q": None if answer.positive_log_q is None else json_floats(answer.positive_log_q),
-                "version": answer.version,
+    async def sample(
+        name: str,
+        request: Request,
+        num_samples: Annotated[
+            int | None, Query(description=".npz body only, required there: classes M per query")
+        ] = None,
+        exclude_positives: Annotated[bool, Query(description=".npz body only: never draw a query's positives")] = False,
+        sampler: Annotated[SamplerName, Query(description=".npz body only: the proposal to draw from")] = "midx",
+        seed: Annotated[int | None, Query(description=".npz body only: makes the draws reproducible")] = None,
+        min_version: Annotated[int | None, Query(description=".npz body only: wait (bounded) for this version")] = None,
+    ) -> Any:
+        body = await _read_body(request, settings.max_body_bytes)
+        count: int
+        if _check_array_media_type(request) == NPZ_CONTENT_TYPE:
+            arrays = load_npz(body, ("queries", "positives"), ("queries",))
+            if num_samples is None:
+                raise InvalidArgumentError(
+                    "an .npz sample body needs the query parameter num_samples, e.g. ?num_samples=100"
+                )
+            queries, count = arrays["queries"], num_samples
+            options: dict[str, Any] = {
+                "positives": arrays.get("positives"),
+                "exclude_positives": exclude_positives,
+                "sampler": sampler,
+                "seed": seed,
+                "min_version": min_version,
             }
-        )
+        else:
+            _reject_query_options(request, _SAMPLE_QUERY_OPTIONS)
+            queries, count, options = await run_in_threadpool(_sample_arguments_from_json, body)
+
+        answer = await service.sample(name, queries, count, **options)
+
+        result = {"ids": answer.ids, "log_q": answer.log_q, "positive_log_q": answer.positive_log_q}
+        return await _array_response(request, result, answer.version)
 
     @api.post(
         "/indexes/{name}/log-prob",
         summary="Log Q of received ids for a batch of queries",
         response_model=LogProbResponseBody,
-        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
+        responses={
+            **_npz_response_doc(
+                "With 'Accept: application/x-npz', an .npz file with the array `log_q` (B, P) float32 and "
+                "the 0-d int64 `version`. log Q keeps -inf there; JSON sends it as null."
+            ),
+            **_error_responses(400, 401, 404, 409, 413, 422, 503),
+        },
+        openapi_extra=_binary_body_doc(
+            "JSON {queries, ids, sampler?, min_version?}, or an .npz file with arrays `queries` (B, D) "
+            "float32 and `ids` (B, P) int64. With an .npz body the options are query parameters.",
+            "LogProbBody",
+            (NPZ_CONTENT_TYPE,),
+        ),
     )
-    async def log_prob(name: str, body: LogProbBody) -> Any:
-        answer = await service.log_prob(
-            name,
-            from_json(body.queries, "queries", np.float32),
-            from_json(body.ids, "ids", np.int64),
-            sampler=body.sampler,
-            min_version=body.min_version,
-        )
-        return JSONResponse({"log_q": json_floats(answer.log_q), "version": answer.version})
+    async def log_prob(
+        name: str,
+        request: Request,
+        sampler: Annotated[
+            SamplerName, Query(description=".npz body only: the proposal whose log Q is returned")
+        ] = "midx",
+        min_version: Annotated[int | None, Query(description=".npz body only: wait (bounded) for this version")] = None,
+    ) -> Any:
+        body = await _read_body(request, settings.max_body_bytes)
+        if _check_array_media_type(request) == NPZ_CONTENT_TYPE:
+            arrays = load_npz(body, ("queries", "ids"), ("queries", "ids"))
+            queries, ids = arrays["queries"], arrays["ids"]
+            options: dict[str, Any] = {"sampler": sampler, "min_version": min_version}
+        else:
+            _reject_query_options(request, _LOG_PROB_QUERY_OPTIONS)
+            queries, ids, options = await run_in_threadpool(_log_prob_arguments_from_json, body)
+
+        answer = await service.log_prob(name, queries, ids, **options)
+
+        return await _array_response(request, {"log_q": answer.log_q}, answer.version)
 
     @api.post(
         "/indexes/{name}/rebuild",
@@ -495,4 +695,5 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
 
     app.include_router(health)
     app.include_router(api)
+    _add_body_schemas(app, (UploadEmbeddingsBody, UpdateEmbeddingsBody, SampleBody, LogProbBody))
     return app

@@ -14,7 +14,7 @@ import numpy as np
 
 from midx_service.batching import SampleBatcher, SampleCall
 from midx_service.core import IndexConfig
-from midx_service.errors import InvalidArgumentError, ResourceExhaustedError
+from midx_service.errors import ResourceExhaustedError
 from midx_service.metrics import Metrics
 from midx_service.registry import IndexRegistry, IndexState
 from midx_service.settings import Settings
@@ -69,6 +69,9 @@ class SamplerService:
     def ready(self) -> bool:
         return self.registry.ready()
 
+    def unready_indexes(self) -> list[IndexState]:
+        return self.registry.unready()
+
     # ---------------------------------------------------------------------------- mutations
 
     def check_table_bytes(self, num_bytes: int) -> None:
@@ -107,9 +110,9 @@ class SamplerService:
         self._check_batch(queries)
         limit = self.settings.max_num_samples
         if not isinstance(num_samples, bool) and isinstance(num_samples, int) and num_samples > limit:
-            raise InvalidArgumentError(
-                f"num_samples is {num_samples}, above the limit of {limit} (MIDX_MAX_NUM_SAMPLES); "
-                "ask for fewer samples per query"
+            raise ResourceExhaustedError(
+                f"num_samples is {num_samples}, above the limit of {limit}; ask for fewer samples per query "
+                "or raise the limit with MIDX_MAX_NUM_SAMPLES (--max-num-samples)"
             )
         snapshot = await self.registry.snapshot(name, min_version)
         assert snapshot.index is not None
@@ -149,9 +152,9 @@ class SamplerService:
         limit = self.settings.max_batch
         rows = int(queries.shape[0]) if queries.ndim >= 1 else 0
         if rows > limit:
-            raise InvalidArgumentError(
-                f"the batch has {rows} queries, above the limit of {limit} (MIDX_MAX_BATCH); "
-                "split it into smaller requests"
+            raise ResourceExhaustedError(
+                f"the batch has {rows} queries, above the limit of {limit}; split it into smaller requests "
+                "or raise the limit with MIDX_MAX_BATCH (--max-batch)"
             )
 
     def _observe_batch(self, rows: int, requests: int) -> None:

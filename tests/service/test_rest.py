@@ -6,12 +6,15 @@ import base64
 import hashlib
 import io
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from midx_client import RestSamplerClient, SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 
 DIM = 8
@@ -54,6 +57,13 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _load_npz(response: httpx.Response) -> dict[str, np.ndarray]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-npz"
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
 def _queries(rows: int = 4, seed: int = 1) -> list[list[float]]:
     return np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32).tolist()
 
@@ -84,6 +94,64 @@ def test_health_and_ready_routes(http: httpx.Client) -> None:
     http.put("/v1/indexes/empty", json={"dim": DIM})
 
     _error(http.get("/readyz"), 503, "unavailable")
+
+
+def test_readyz_counts_index_serving_during_rebuild(
+    start_server: Any, hold_compute: Any, poll: Any, table: np.ndarray
+) -> None:
+    running = start_server(compute_threads=1)
+    with httpx.Client(base_url=running.http_url, timeout=30) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+        http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+        gate = hold_compute(running)
+        upload = threading.Thread(
+            target=http.put, args=("/v1/indexes/words/embeddings",), kwargs={"content": _npy(table), "headers": _NPY}
+        )
+        upload.start()
+        poll(lambda: http.get("/v1/indexes/words").json()["status"] == "building", "the second build")
+
+        ready = http.get("/readyz")
+
+        gate.open()
+        upload.join(30)
+        assert ready.status_code == 200, ready.text
+        assert _version(http) == 2
+
+
+def test_readyz_fails_during_first_build(start_server: Any, hold_compute: Any, poll: Any, table: np.ndarray) -> None:
+    running = start_server(compute_threads=1)
+    with httpx.Client(base_url=running.http_url, timeout=30) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+        gate = hold_compute(running)
+        upload = threading.Thread(
+            target=http.put, args=("/v1/indexes/words/embeddings",), kwargs={"content": _npy(table), "headers": _NPY}
+        )
+        upload.start()
+        poll(lambda: http.get("/v1/indexes/words").json()["status"] == "building", "the first build")
+
+        building = http.get("/readyz")
+
+        gate.open()
+        upload.join(30)
+        assert "words (building)" in _error(building, 503, "unavailable")
+        assert http.get("/readyz").status_code == 200
+
+
+def test_readyz_fails_after_failed_build(start_server: Any, table: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    running = start_server()
+
+    def failing_build(*args: Any) -> Any:
+        raise RuntimeError("simulated build failure")
+
+    monkeypatch.setattr(running.server.registry, "_build", failing_build)
+    with httpx.Client(base_url=running.http_url, timeout=30) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+
+        upload = http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+
+        assert "RuntimeError" in _error(upload, 500, "internal")
+        assert http.get("/v1/indexes/words").json()["status"] == "failed"
+        assert "words (failed)" in _error(http.get("/readyz"), 503, "unavailable")
 
 
 def test_index_lifecycle_routes(http: httpx.Client, table: np.ndarray) -> None:
@@ -147,6 +215,122 @@ def test_update_log_prob_and_rebuild_routes(http: httpx.Client, words: str, tabl
     assert http.get("/v1/indexes/words").json()["num_classes"] == NUM_CLASSES + 1
 
 
+def test_sample_npz_body_and_answer_match_core(http: httpx.Client, words: str, table: np.ndarray) -> None:
+    queries = np.array(_queries(5), dtype=np.float32)
+    positives = np.arange(1, 11, dtype=np.int64).reshape(5, 2)
+    core = MidxIndex.build(IndexConfig(DIM, num_codewords=8), table)
+    expected = core.sample(queries, 7, positives=positives, exclude_positives=True, seed=11)
+
+    response = http.post(
+        "/v1/indexes/words/sample",
+        params={"num_samples": 7, "exclude_positives": "true", "seed": 11},
+        content=_npz(queries=queries, positives=positives),
+        headers={**_NPZ, "accept": "application/x-npz"},
+    )
+
+    arrays = _load_npz(response)
+    assert sorted(arrays) == ["ids", "log_q", "positive_log_q", "version"]
+    assert arrays["version"].shape == ()
+    assert int(arrays["version"]) == 1
+    assert arrays["ids"].dtype == np.int64
+    assert arrays["log_q"].dtype == np.float32
+    np.testing.assert_array_equal(arrays["ids"], expected.ids.numpy())
+    np.testing.assert_allclose(arrays["log_q"], expected.log_q.numpy(), rtol=1e-6)
+    assert expected.positive_log_q is not None
+    np.testing.assert_allclose(arrays["positive_log_q"], expected.positive_log_q.numpy(), rtol=1e-6)
+
+
+def test_log_prob_npz_keeps_minus_infinity(http: httpx.Client, table: np.ndarray) -> None:
+    http.put("/v1/indexes/popular", json={"dim": DIM, "num_codewords": 4, "last_stage": "popularity"})
+    weights = np.ones(NUM_CLASSES)
+    weights[0] = 0.0
+    http.put("/v1/indexes/popular/embeddings", content=_npz(embeddings=table, weights=weights), headers=_NPZ)
+    queries = np.array(_queries(2), dtype=np.float32)
+    ids = np.array([[0, 1], [2, 0]], dtype=np.int64)
+
+    response = http.post(
+        "/v1/indexes/popular/log-prob",
+        params={"sampler": "midx"},
+        content=_npz(queries=queries, ids=ids),
+        headers={**_NPZ, "accept": "application/x-npz"},
+    )
+
+    arrays = _load_npz(response)
+    assert sorted(arrays) == ["log_q", "version"]
+    assert arrays["log_q"][0, 0] == -np.inf
+    assert arrays["log_q"][1, 1] == -np.inf
+    assert np.isfinite(arrays["log_q"][0, 1])
+
+
+def test_answer_format_follows_accept_header(http: httpx.Client, words: str) -> None:
+    queries = np.array(_queries(3), dtype=np.float32)
+    npz_body = {"params": {"num_samples": 4}, "content": _npz(queries=queries)}
+
+    npz_without_accept = http.post("/v1/indexes/words/sample", headers=_NPZ, **npz_body)
+    npz_preferring_json = http.post(
+        "/v1/indexes/words/sample",
+        headers={**_NPZ, "accept": "application/json, application/x-npz;q=0.5"},
+        **npz_body,
+    )
+    json_asking_npz = http.post(
+        "/v1/indexes/words/sample",
+        json={"queries": queries.tolist(), "num_samples": 4},
+        headers={"accept": "application/x-npz, */*;q=0.1"},
+    )
+
+    assert npz_without_accept.headers["content-type"] == "application/json"
+    assert np.array(npz_without_accept.json()["ids"]).shape == (3, 4)
+    assert npz_preferring_json.headers["content-type"] == "application/json"
+    assert npz_without_accept.headers["vary"] == "accept"
+    assert _load_npz(json_asking_npz)["ids"].shape == (3, 4)
+
+
+def test_npz_sample_requires_num_samples(http: httpx.Client, words: str) -> None:
+    content = _npz(queries=np.array(_queries(), dtype=np.float32))
+
+    response = http.post("/v1/indexes/words/sample", content=content, headers=_NPZ)
+
+    assert "num_samples" in _error(response, 400, "invalid_argument")
+    _sample_works(http)
+
+
+def test_json_sample_rejects_query_options(http: httpx.Client, words: str) -> None:
+    response = http.post("/v1/indexes/words/sample", params={"seed": 3}, json={"queries": _queries(), "num_samples": 3})
+
+    assert "['seed']" in _error(response, 400, "invalid_argument")
+
+
+def test_npz_sample_rejects_unknown_arrays(http: httpx.Client, words: str) -> None:
+    content = _npz(queries=np.array(_queries(), dtype=np.float32), negatives=np.zeros((4, 1), np.int64))
+
+    response = http.post("/v1/indexes/words/sample", params={"num_samples": 3}, content=content, headers=_NPZ)
+
+    assert "negatives" in _error(response, 400, "invalid_argument")
+
+
+def test_npz_sample_rejects_non_finite_query(http: httpx.Client, words: str) -> None:
+    queries = np.array(_queries(), dtype=np.float32)
+    queries[2, 5] = -np.inf
+
+    response = http.post(
+        "/v1/indexes/words/sample", params={"num_samples": 3}, content=_npz(queries=queries), headers=_NPZ
+    )
+
+    assert "row 2" in _error(response, 400, "invalid_argument")
+    _sample_works(http)
+
+
+def test_sample_rejects_unsupported_content_type(http: httpx.Client, words: str) -> None:
+    response = http.post(
+        "/v1/indexes/words/sample",
+        params={"num_samples": 3},
+        content=_npy(np.array(_queries(), dtype=np.float32)),
+        headers=_NPY,
+    )
+
+    assert "application/x-npz" in _error(response, 400, "invalid_argument")
+
+
 def test_upload_npz_with_weights_and_digest(http: httpx.Client, table: np.ndarray) -> None:
     http.put("/v1/indexes/popular", json={"dim": DIM, "num_codewords": 4, "last_stage": "popularity"})
     weights = np.arange(NUM_CLASSES, dtype=np.float64)
@@ -175,6 +359,66 @@ def test_metrics_route_reports_requests_and_indexes(http: httpx.Client, words: s
     assert "midx_index_quantization_error" in text
 
 
+@pytest.mark.slow
+def test_health_and_metrics_stay_fast_under_load(start_server: Any, poll: Any) -> None:
+    running = start_server(compute_threads=2)
+    rng = np.random.default_rng(0)
+    with SamplerClient(running.grpc_target) as setup:
+        setup.create_index("big", 32, num_codewords=16)
+        setup.upload_embeddings("big", rng.standard_normal((50_000, 32)).astype(np.float32))
+    # Two clients per kind keep a request of each kind waiting while another computes.
+    clients = [
+        SamplerClient(running.grpc_target),
+        SamplerClient(running.grpc_target),
+        RestSamplerClient(running.http_url),
+        RestSamplerClient(running.http_url),
+        RestSamplerClient(running.http_url, binary=False),
+    ]
+    batches = [4096, 4096, 4096, 4096, 256]
+    completed = [0] * len(clients)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def sample(position: int) -> None:
+        queries = rng.standard_normal((batches[position], 32)).astype(np.float32)
+        try:
+            with clients[position] as client:
+                while not stop.is_set():
+                    client.sample("big", queries, 100)
+                    completed[position] += 1
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=sample, args=(position,)) for position in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    try:
+        poll(lambda: all(completed) or failures, "every sampling client to finish one request")
+        before = sum(completed)
+        deadline = time.monotonic() + 60
+        health_seconds, metrics_seconds = [], []
+        with httpx.Client(base_url=running.http_url, timeout=30) as http:
+            # At least ten checks, and on until sampling has finished a few more requests meanwhile.
+            while len(health_seconds) < 10 or (sum(completed) - before < 4 and time.monotonic() < deadline):
+                started = time.perf_counter()
+                assert http.get("/healthz").status_code == 200
+                health_seconds.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                assert "midx_requests_total" in http.get("/metrics").text
+                metrics_seconds.append(time.perf_counter() - started)
+        during = sum(completed) - before
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+    assert failures == []
+    assert during >= 4, "sampling should have kept running while health was checked"
+    # Each takes milliseconds when idle; a second would mean they queue behind sampling work.
+    assert max(health_seconds) < 1.0, health_seconds
+    assert max(metrics_seconds) < 1.0, metrics_seconds
+
+
 def test_openapi_documents_routes_and_errors(http: httpx.Client) -> None:
     spec = http.get("/openapi.json").json()
     docs = http.get("/docs")
@@ -184,6 +428,15 @@ def test_openapi_documents_routes_and_errors(http: httpx.Client) -> None:
     assert docs.status_code == 200
     assert {"400", "401", "404", "409", "413", "422", "503"} <= set(sample["responses"])
     assert "application/x-npz" in upload["requestBody"]["content"]
+    assert set(sample["requestBody"]["content"]) == {"application/json", "application/x-npz"}
+    assert set(sample["responses"]["200"]["content"]) == {"application/json", "application/x-npz"}
+    assert {"num_samples", "exclude_positives", "sampler", "seed", "min_version"} <= {
+        parameter["name"] for parameter in sample["parameters"]
+    }
+    schemas = spec["components"]["schemas"]
+    for route, method in [("sample", "post"), ("log-prob", "post"), ("embeddings", "put"), ("embeddings", "patch")]:
+        reference = spec["paths"][f"/v1/indexes/{{name}}/{route}"][method]["requestBody"]["content"]["application/json"]
+        assert reference["schema"]["$ref"].rsplit("/", 1)[1] in schemas
     assert "/v1/indexes/{name}/log-prob" in spec["paths"]
     assert "/v1/indexes/{name}/rebuild" in spec["paths"]
 
@@ -270,8 +523,17 @@ def test_sample_rejects_num_samples_above_limit(start_server: Any, table: np.nda
         http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
 
         response = http.post("/v1/indexes/words/sample", json={"queries": _queries(), "num_samples": 11})
+        binary = http.post(
+            "/v1/indexes/words/sample",
+            params={"num_samples": 11},
+            content=_npz(queries=np.array(_queries(), dtype=np.float32)),
+            headers=_NPZ,
+        )
 
-        assert "MIDX_MAX_NUM_SAMPLES" in _error(response, 400, "invalid_argument")
+        message = _error(response, 413, "resource_exhausted")
+        assert "limit of 10" in message
+        assert "MIDX_MAX_NUM_SAMPLES" in message
+        assert "MIDX_MAX_NUM_SAMPLES" in _error(binary, 413, "resource_exhausted")
         _sample_works(http)
 
 
@@ -282,8 +544,12 @@ def test_sample_rejects_batch_above_limit(start_server: Any, table: np.ndarray) 
         http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
 
         response = http.post("/v1/indexes/words/sample", json={"queries": _queries(4), "num_samples": 2})
+        log_prob = http.post("/v1/indexes/words/log-prob", json={"queries": _queries(4), "ids": [[0]] * 4})
 
-        assert "MIDX_MAX_BATCH" in _error(response, 400, "invalid_argument")
+        message = _error(response, 413, "resource_exhausted")
+        assert "limit of 3" in message
+        assert "MIDX_MAX_BATCH" in message
+        assert "MIDX_MAX_BATCH" in _error(log_prob, 413, "resource_exhausted")
         ok = http.post("/v1/indexes/words/sample", json={"queries": _queries(3), "num_samples": 2})
         assert ok.status_code == 200
 
@@ -359,6 +625,38 @@ def test_body_above_limit_is_rejected(start_server: Any, table: np.ndarray) -> N
         assert "MIDX_MAX_BODY_BYTES" in _error(response, 413, "resource_exhausted")
         ok = http.put("/v1/indexes/words/embeddings", content=_npy(table[:50]), headers=_NPY)
         assert ok.json() == {"version": 1}
+
+
+def _chunked(total_bytes: int) -> Iterator[bytes]:
+    """Yield a body in 1 KiB pieces; httpx sends a generator with chunked encoding and no Content-Length."""
+    for _ in range(total_bytes // 1024):
+        yield b"\0" * 1024
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "content_type"),
+    [
+        ("PUT", "embeddings", "application/x-npy"),
+        ("POST", "sample?num_samples=2", "application/x-npz"),
+        ("POST", "log-prob", "application/json"),
+    ],
+)
+def test_chunked_body_above_limit_is_rejected(
+    start_server: Any, table: np.ndarray, method: str, route: str, content_type: str
+) -> None:
+    running = start_server(max_body_bytes=4096)
+    with httpx.Client(base_url=running.http_url, timeout=30) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+        http.put("/v1/indexes/words/embeddings", content=_npy(table[:100]), headers=_NPY)
+
+        response = http.request(
+            method, f"/v1/indexes/words/{route}", content=_chunked(64 * 1024), headers={"content-type": content_type}
+        )
+
+        assert "content-length" not in response.request.headers
+        assert "MIDX_MAX_BODY_BYTES" in _error(response, 413, "resource_exhausted")
+        assert _version(http) == 1
+        _sample_works(http)
 
 
 def test_upload_rejects_digest_mismatch(http: httpx.Client, words: str, table: np.ndarray) -> None:
