@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -15,9 +17,11 @@ from midx_client._convert import (
     to_numpy,
 )
 from midx_client._proto import sampler_pb2 as _pb
+from midx_client.errors import SamplerError
 from midx_client.types import LogProbResult, SampleResult
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+NPZ_CONTENT_TYPE = "application/x-npz"
 
 
 def index_config(dim: int, num_codewords: int, quantizer: str, last_stage: str, metric: str) -> dict[str, Any]:
@@ -44,7 +48,11 @@ def chunk_rows(table: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int
 
 
 def sample_arrays(queries: Any, positives: Any | None) -> tuple[np.ndarray, np.ndarray | None]:
-    return to_numpy(queries, "float32"), None if positives is None else to_numpy(positives, "int64")
+    """Return queries as float32 and positives as int64, a (B,) vector as (B, 1): one positive per query."""
+    positive_ids = None if positives is None else to_numpy(positives, "int64")
+    if positive_ids is not None and positive_ids.ndim == 1:
+        positive_ids = positive_ids.reshape(-1, 1)
+    return to_numpy(queries, "float32"), positive_ids
 
 
 # ------------------------------------------------------------------------------------------ protobuf
@@ -186,3 +194,77 @@ def update_body(ids: Any, embeddings: Any, weights: Any | None) -> dict[str, Any
     if weights is not None:
         body["weights"] = to_numpy(weights, "float64").tolist()
     return body
+
+
+# ----------------------------------------------------------------------------------------------- .npz
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Return `arrays` as an uncompressed .npz file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()
+
+
+def arrays_from_npz(content: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(content), allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise SamplerError("internal", f"the server's .npz response is not a valid .npz file: {error}") from None
+
+
+def sample_npz(
+    queries: Any,
+    num_samples: int,
+    positives: Any | None,
+    exclude_positives: bool,
+    sampler: str,
+    seed: int | None,
+    min_version: int | None,
+) -> tuple[bytes, dict[str, str]]:
+    """Return the .npz sample body (queries, positives) and its options as query parameters."""
+    query_matrix, positive_ids = sample_arrays(queries, positives)
+    arrays = {"queries": query_matrix}
+    if positive_ids is not None:
+        arrays["positives"] = positive_ids
+    params = {
+        "num_samples": str(int(num_samples)),
+        "exclude_positives": "true" if exclude_positives else "false",
+        "sampler": sampler,
+    }
+    if seed is not None:
+        params["seed"] = str(int(seed))
+    if min_version is not None:
+        params["min_version"] = str(int(min_version))
+    return npz_bytes(arrays), params
+
+
+def sample_result_from_npz(arrays: dict[str, np.ndarray], output: Output) -> SampleResult:
+    positive_log_q = arrays.get("positive_log_q")
+    return SampleResult(
+        ids=as_output(arrays["ids"], output),
+        log_q=as_output(arrays["log_q"], output),
+        positive_log_q=None if positive_log_q is None else as_output(positive_log_q, output),
+        version=int(arrays["version"]),
+    )
+
+
+def log_prob_npz(queries: Any, ids: Any, sampler: str, min_version: int | None) -> tuple[bytes, dict[str, str]]:
+    """Return the .npz log-prob body (queries, ids) and its options as query parameters."""
+    arrays = {"queries": to_numpy(queries, "float32"), "ids": to_numpy(ids, "int64")}
+    params = {"sampler": sampler}
+    if min_version is not None:
+        params["min_version"] = str(int(min_version))
+    return npz_bytes(arrays), params
+
+
+def log_prob_result_from_npz(arrays: dict[str, np.ndarray], output: Output) -> LogProbResult:
+    return LogProbResult(log_q=as_output(arrays["log_q"], output), version=int(arrays["version"]))
+
+
+def update_npz(ids: Any, embeddings: Any, weights: Any | None) -> bytes:
+    arrays = {"ids": to_numpy(ids, "int64"), "embeddings": to_numpy(embeddings, "float32")}
+    if weights is not None:
+        arrays["weights"] = to_numpy(weights, "float64")
+    return npz_bytes(arrays)

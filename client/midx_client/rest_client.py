@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 
 from midx_client import _requests
-from midx_client._convert import Output, info_from_json
+from midx_client._convert import Output, info_from_json, to_numpy
 from midx_client.errors import RETRYABLE_CODES, SamplerError
 from midx_client.grpc_client import DEFAULT_RETRIES, DEFAULT_TIMEOUT_SECONDS, _backoff_seconds, _progress_bar
 from midx_client.types import IndexInfo, LogProbResult, SampleResult
@@ -98,12 +98,94 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
+_JSON_HEADERS = {"content-type": "application/json"}
+# Headers of the binary form: the body is .npz, and the response is .npz because Accept requests it.
+_NPZ_HEADERS = {"content-type": _requests.NPZ_CONTENT_TYPE, "accept": _requests.NPZ_CONTENT_TYPE}
+
+
+def _is_npz(response: httpx.Response) -> bool:
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media_type == _requests.NPZ_CONTENT_TYPE
+
+
+def _json_body(response: httpx.Response) -> Any:
+    return response.json() if response.content else None
+
+
+def _sample_result(
+    response: httpx.Response, num_rows: int, num_samples: int, num_positives: int, output: Output
+) -> SampleResult:
+    if _is_npz(response):
+        return _requests.sample_result_from_npz(_requests.arrays_from_npz(response.content), output)
+    return _requests.sample_result_from_json(response.json(), num_rows, num_samples, num_positives, output)
+
+
+def _log_prob_result(response: httpx.Response, num_rows: int, num_ids: int, output: Output) -> LogProbResult:
+    if _is_npz(response):
+        return _requests.log_prob_result_from_npz(_requests.arrays_from_npz(response.content), output)
+    return _requests.log_prob_result_from_json(response.json(), num_rows, num_ids, output)
+
+
+def _sample_request(
+    binary: bool,
+    queries: Any,
+    num_samples: int,
+    positives: Any | None,
+    exclude_positives: bool,
+    sampler: str,
+    seed: int | None,
+    min_version: int | None,
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Return the keyword arguments of the sample request and the (rows, positives) an empty JSON response needs."""
+    query_matrix, positive_ids = _requests.sample_arrays(queries, positives)
+    shape = (_rows(query_matrix), _columns(positive_ids))
+    if binary:
+        content, params = _requests.sample_npz(
+            query_matrix, num_samples, positive_ids, exclude_positives, sampler, seed, min_version
+        )
+        return {"content": content, "params": params, "headers": _NPZ_HEADERS}, shape
+    body = _requests.sample_body(query_matrix, num_samples, positive_ids, exclude_positives, sampler, seed, min_version)
+    return {"content": _json_content(body), "headers": _JSON_HEADERS}, shape
+
+
+def _log_prob_request(
+    binary: bool, queries: Any, ids: Any, sampler: str, min_version: int | None
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Return the keyword arguments of the log-prob request and the (rows, ids) an empty JSON response needs."""
+    query_matrix, id_matrix = to_numpy(queries, "float32"), to_numpy(ids, "int64")
+    shape = (_rows(query_matrix), _columns(id_matrix))
+    if binary:
+        content, params = _requests.log_prob_npz(query_matrix, id_matrix, sampler, min_version)
+        return {"content": content, "params": params, "headers": _NPZ_HEADERS}, shape
+    body = _requests.log_prob_body(query_matrix, id_matrix, sampler, min_version)
+    return {"content": _json_content(body), "headers": _JSON_HEADERS}, shape
+
+
+def _rows(array: np.ndarray) -> int:
+    return int(array.shape[0]) if array.ndim else 0
+
+
+def _columns(array: np.ndarray | None) -> int:
+    """Return the ids per query of a (B, P) or (B,) id array: P, 1, or 0 without ids."""
+    if array is None or array.ndim == 0:
+        return 0
+    return int(array.shape[1]) if array.ndim == 2 else 1
+
+
+def _update_request(binary: bool, ids: Any, embeddings: Any, weights: Any | None) -> dict[str, Any]:
+    if binary:
+        return {"content": _requests.update_npz(ids, embeddings, weights), "headers": _NPZ_HEADERS}
+    return {"content": _json_content(_requests.update_body(ids, embeddings, weights)), "headers": _JSON_HEADERS}
+
+
 class RestSamplerClient:
     """Blocking REST client; the same methods and results as `SamplerClient`.
 
     base_url: "http://host:port" of the REST front end. token: the bearer token when the server
     requires one. timeout_seconds: timeout of each call. retries: extra attempts, with exponential
     backoff, for idempotent calls (get, list, sample, log-prob) that fail with 503 or cannot connect.
+    binary: send sample, log-prob and update bodies as .npz files and request .npz responses, which
+    skips JSON's text conversion of every number; False sends and receives JSON.
     """
 
     def __init__(
@@ -114,20 +196,25 @@ class RestSamplerClient:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         retries: int = DEFAULT_RETRIES,
         verify: bool | str = True,
+        binary: bool = True,
     ) -> None:
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"), headers=_headers(token), timeout=timeout_seconds, verify=verify
         )
         self.timeout_seconds = timeout_seconds
         self.retries = retries
+        self.binary = binary
 
     def _request(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
+        return _json_body(self._send(method, path, idempotent=idempotent, **kwargs))
+
+    def _send(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> httpx.Response:
         attempt = 0
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
                 if response.is_success:
-                    return response.json() if response.content else None
+                    return response
                 failure = _error_from_response(response)
             except httpx.TransportError as error:
                 failure = _error_from_transport(error)
@@ -136,10 +223,6 @@ class RestSamplerClient:
             logger.warning("retrying after %s (attempt %d of %d)", failure, attempt + 1, self.retries)
             time.sleep(_backoff_seconds(attempt))
             attempt += 1
-
-    def _post_json(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> Any:
-        headers = {"content-type": "application/json"}
-        return self._request("POST", path, content=_json_content(body), headers=headers, idempotent=idempotent)
 
     def create_index(
         self,
@@ -176,10 +259,8 @@ class RestSamplerClient:
         return int(response["version"])
 
     def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
-        headers = {"content-type": "application/json"}
-        content = _json_content(_requests.update_body(ids, embeddings, weights))
-        response = self._request("PATCH", f"/v1/indexes/{name}/embeddings", content=content, headers=headers)
-        return int(response["version"])
+        request = _update_request(self.binary, ids, embeddings, weights)
+        return int(self._request("PATCH", f"/v1/indexes/{name}/embeddings", **request)["version"])
 
     def sample(
         self,
@@ -194,12 +275,11 @@ class RestSamplerClient:
         min_version: int | None = None,
         output: Output = "numpy",
     ) -> SampleResult:
-        body = _requests.sample_body(queries, num_samples, positives, exclude_positives, sampler, seed, min_version)
-        response = self._post_json(f"/v1/indexes/{name}/sample", body, idempotent=True)
-        num_positives = len(body["positives"][0]) if body.get("positives") else 0
-        return _requests.sample_result_from_json(
-            response, len(body["queries"]), int(num_samples), num_positives, output
+        request, (rows, num_positives) = _sample_request(
+            self.binary, queries, num_samples, positives, exclude_positives, sampler, seed, min_version
         )
+        response = self._send("POST", f"/v1/indexes/{name}/sample", idempotent=True, **request)
+        return _sample_result(response, rows, int(num_samples), num_positives, output)
 
     def log_prob(
         self,
@@ -211,10 +291,9 @@ class RestSamplerClient:
         min_version: int | None = None,
         output: Output = "numpy",
     ) -> LogProbResult:
-        body = _requests.log_prob_body(queries, ids, sampler, min_version)
-        response = self._post_json(f"/v1/indexes/{name}/log-prob", body, idempotent=True)
-        num_ids = len(body["ids"][0]) if body["ids"] else 0
-        return _requests.log_prob_result_from_json(response, len(body["queries"]), num_ids, output)
+        request, (rows, num_ids) = _log_prob_request(self.binary, queries, ids, sampler, min_version)
+        response = self._send("POST", f"/v1/indexes/{name}/log-prob", idempotent=True, **request)
+        return _log_prob_result(response, rows, num_ids, output)
 
     def rebuild(self, name: str) -> int:
         return int(self._request("POST", f"/v1/indexes/{name}/rebuild")["version"])
@@ -240,20 +319,25 @@ class AsyncRestSamplerClient:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         retries: int = DEFAULT_RETRIES,
         verify: bool | str = True,
+        binary: bool = True,
     ) -> None:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=_headers(token), timeout=timeout_seconds, verify=verify
         )
         self.timeout_seconds = timeout_seconds
         self.retries = retries
+        self.binary = binary
 
     async def _request(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> Any:
+        return _json_body(await self._send(method, path, idempotent=idempotent, **kwargs))
+
+    async def _send(self, method: str, path: str, *, idempotent: bool = False, **kwargs: Any) -> httpx.Response:
         attempt = 0
         while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
                 if response.is_success:
-                    return response.json() if response.content else None
+                    return response
                 failure = _error_from_response(response)
             except httpx.TransportError as error:
                 failure = _error_from_transport(error)
@@ -262,10 +346,6 @@ class AsyncRestSamplerClient:
             logger.warning("retrying after %s (attempt %d of %d)", failure, attempt + 1, self.retries)
             await asyncio.sleep(_backoff_seconds(attempt))
             attempt += 1
-
-    async def _post_json(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> Any:
-        headers = {"content-type": "application/json"}
-        return await self._request("POST", path, content=_json_content(body), headers=headers, idempotent=idempotent)
 
     async def create_index(
         self,
@@ -304,10 +384,8 @@ class AsyncRestSamplerClient:
         return int(response["version"])
 
     async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
-        headers = {"content-type": "application/json"}
-        content = _json_content(_requests.update_body(ids, embeddings, weights))
-        response = await self._request("PATCH", f"/v1/indexes/{name}/embeddings", content=content, headers=headers)
-        return int(response["version"])
+        request = _update_request(self.binary, ids, embeddings, weights)
+        return int((await self._request("PATCH", f"/v1/indexes/{name}/embeddings", **request))["version"])
 
     async def sample(
         self,
@@ -322,12 +400,11 @@ class AsyncRestSamplerClient:
         min_version: int | None = None,
         output: Output = "numpy",
     ) -> SampleResult:
-        body = _requests.sample_body(queries, num_samples, positives, exclude_positives, sampler, seed, min_version)
-        response = await self._post_json(f"/v1/indexes/{name}/sample", body, idempotent=True)
-        num_positives = len(body["positives"][0]) if body.get("positives") else 0
-        return _requests.sample_result_from_json(
-            response, len(body["queries"]), int(num_samples), num_positives, output
+        request, (rows, num_positives) = _sample_request(
+            self.binary, queries, num_samples, positives, exclude_positives, sampler, seed, min_version
         )
+        response = await self._send("POST", f"/v1/indexes/{name}/sample", idempotent=True, **request)
+        return _sample_result(response, rows, int(num_samples), num_positives, output)
 
     async def log_prob(
         self,
@@ -339,10 +416,9 @@ class AsyncRestSamplerClient:
         min_version: int | None = None,
         output: Output = "numpy",
     ) -> LogProbResult:
-        body = _requests.log_prob_body(queries, ids, sampler, min_version)
-        response = await self._post_json(f"/v1/indexes/{name}/log-prob", body, idempotent=True)
-        num_ids = len(body["ids"][0]) if body["ids"] else 0
-        return _requests.log_prob_result_from_json(response, len(body["queries"]), num_ids, output)
+        request, (rows, num_ids) = _log_prob_request(self.binary, queries, ids, sampler, min_version)
+        response = await self._send("POST", f"/v1/indexes/{name}/log-prob", idempotent=True, **request)
+        return _log_prob_result(response, rows, num_ids, output)
 
     async def rebuild(self, name: str) -> int:
         return int((await self._request("POST", f"/v1/indexes/{name}/rebuild"))["version"])

@@ -29,13 +29,14 @@ def table() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((NUM_CLASSES, DIM)).astype(np.float32)
 
 
-@pytest.fixture(params=["grpc", "rest"])
+@pytest.fixture(params=["grpc", "rest", "rest-json"])
 def client(request: pytest.FixtureRequest, server: Any) -> Iterator[Any]:
     if request.param == "grpc":
         with SamplerClient(server.grpc_target, timeout_seconds=30) as grpc_client:
             yield grpc_client
     else:
-        with RestSamplerClient(server.http_url, timeout_seconds=30) as rest_client:
+        binary = request.param == "rest"
+        with RestSamplerClient(server.http_url, timeout_seconds=30, binary=binary) as rest_client:
             yield rest_client
 
 
@@ -144,6 +145,45 @@ def test_empty_batch_keeps_shapes(client: Any, table: np.ndarray) -> None:
     assert result.log_q.shape == (0, 4)
 
 
+def test_positives_as_vector_mean_one_per_query(client: Any, table: np.ndarray) -> None:
+    client.create_index("words", DIM, num_codewords=8)
+    client.upload_embeddings("words", table)
+
+    result = client.sample("words", _queries(), 3, positives=np.array([4, 5, 6, 7]))
+    empty = client.sample("words", np.zeros((0, DIM), np.float32), 3, positives=np.zeros((0, 2), np.int64))
+
+    assert result.positive_log_q.shape == (4, 1)
+    assert empty.positive_log_q.shape == (0, 2)
+
+
+def test_rest_client_sends_npz_unless_told_json(server: Any, table: np.ndarray) -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    def record(response: Any) -> None:
+        request = response.request
+        seen.append((request.url.path, request.headers["content-type"], response.headers["content-type"]))
+
+    with SamplerClient(server.grpc_target) as setup:
+        setup.create_index("words", DIM, num_codewords=8)
+        setup.upload_embeddings("words", table)
+    for binary in (True, False):
+        with RestSamplerClient(server.http_url, binary=binary) as rest:
+            rest._http.event_hooks["response"].append(record)
+            rest.sample("words", _queries(), 3)
+            rest.log_prob("words", _queries(), [[0], [1], [2], [3]])
+            rest.update_embeddings("words", [0], np.ones((1, DIM), np.float32))
+
+    npz, json_type = "application/x-npz", "application/json"
+    assert seen == [
+        ("/v1/indexes/words/sample", npz, npz),
+        ("/v1/indexes/words/log-prob", npz, npz),
+        ("/v1/indexes/words/embeddings", npz, json_type),
+        ("/v1/indexes/words/sample", json_type, json_type),
+        ("/v1/indexes/words/log-prob", json_type, json_type),
+        ("/v1/indexes/words/embeddings", json_type, json_type),
+    ]
+
+
 def test_errors_carry_code_and_message(client: Any) -> None:
     client.create_index("words", DIM)
 
@@ -201,20 +241,23 @@ def test_async_clients_mirror_blocking_ones(server: Any, table: np.ndarray) -> N
             await client.delete_index(name)
             return version, result, rebuilt
 
-    async def both() -> list[tuple[int, SampleResult, int]]:
+    async def all_clients() -> list[tuple[int, SampleResult, int]]:
         return [
             await workflow(AsyncSamplerClient(server.grpc_target), "g"),
             await workflow(AsyncRestSamplerClient(server.http_url), "r"),
+            await workflow(AsyncRestSamplerClient(server.http_url, binary=False), "j"),
         ]
 
-    (grpc_version, grpc_result, grpc_rebuilt), (rest_version, rest_result, rest_rebuilt) = asyncio.run(both())
+    grpc, rest, rest_json = asyncio.run(all_clients())
 
-    assert grpc_version == rest_version == 1
-    assert grpc_rebuilt == rest_rebuilt == 3
-    np.testing.assert_array_equal(grpc_result.ids, rest_result.ids)
+    assert grpc[0] == rest[0] == rest_json[0] == 1
+    assert grpc[2] == rest[2] == rest_json[2] == 3
+    np.testing.assert_array_equal(grpc[1].ids, rest[1].ids)
+    np.testing.assert_array_equal(grpc[1].ids, rest_json[1].ids)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("client", ["grpc", "rest"], indirect=True)  # both REST forms upload the same body
 def test_glove_sized_table_uploads(client: Any) -> None:
     table = np.random.default_rng(7).standard_normal((400_000, 50)).astype(np.float32)
     client.create_index("glove", 50)
