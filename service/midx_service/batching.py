@@ -42,10 +42,12 @@ class _Group:
 class SampleBatcher:
     """Coalesce sample requests that share index, num_samples, sampler and positives width.
 
-    A request waits at most `window_ms` for others to join; a group is also flushed once it contains
-    `max_batch_rows` query rows. The coalesced call runs on one snapshot, so every caller in a group
-    gets the same version and exactly its own rows. Seeded requests run alone, because joining a batch
-    would change their random stream. `on_batch(rows, requests)` observes each coalesced call.
+    A request that arrives while no core call with its key runs starts one at once, because waiting
+    would add latency with nothing to gain. One that arrives while such a call runs waits in a group,
+    which is flushed when those calls finish, after `window_ms`, or once it contains `max_batch_rows`
+    query rows, whichever comes first. The coalesced call runs on one snapshot, so every caller in a
+    group gets the same version and exactly its own rows. Seeded requests run alone, because joining
+    a batch would change their random stream. `on_batch(rows, requests)` observes each core call.
     """
 
     def __init__(
@@ -61,14 +63,35 @@ class SampleBatcher:
         self._max_batch_rows = max_batch_rows
         self._on_batch = on_batch
         self._groups: dict[tuple[Any, ...], _Group] = {}
+        # Core calls in flight per batching key.
+        self._running: dict[tuple[Any, ...], int] = {}
+        self._pending = 0
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests inside `sample`: waiting in a group or running."""
+        return self._pending
 
     async def sample(self, name: str, snapshot: Snapshot, call: SampleCall) -> tuple[SampleResult, int]:
         """Return the draws for `call` and the version that made them (at least `snapshot.version`)."""
+        self._pending += 1
+        try:
+            return await self._sample(name, snapshot, call)
+        finally:
+            self._pending -= 1
+
+    async def _sample(self, name: str, snapshot: Snapshot, call: SampleCall) -> tuple[SampleResult, int]:
         if not self._batchable(snapshot, call):
             return await self._run_alone(snapshot, call)
 
         key = self._key(name, call)
         group = self._groups.get(key)
+        if group is None and not self._running.get(key):
+            self._start_running(key)
+            try:
+                return await self._run_alone(snapshot, call)
+            finally:
+                self._finish_running(key)
         if group is None:
             group = _Group(name, key)
             self._groups[key] = group
@@ -104,16 +127,35 @@ class SampleBatcher:
         result = await self._registry.compute(_sample, snapshot.index, call)
         return result, snapshot.version
 
+    def _start_running(self, key: tuple[Any, ...]) -> None:
+        self._running[key] = self._running.get(key, 0) + 1
+
+    def _finish_running(self, key: tuple[Any, ...]) -> None:
+        remaining = self._running[key] - 1
+        if remaining:
+            self._running[key] = remaining
+            return
+        del self._running[key]
+        # The group waited for the calls that just finished; nothing is left to wait for.
+        self._flush(key)
+
     def _flush(self, key: tuple[Any, ...]) -> None:
         group = self._groups.pop(key, None)
         if group is None:
             return
         if group.timer is not None:
             group.timer.cancel()
+        self._start_running(key)
         task = asyncio.get_running_loop().create_task(self._run_group(group))
         task.add_done_callback(_log_unexpected)
 
     async def _run_group(self, group: _Group) -> None:
+        try:
+            await self._run_calls(group)
+        finally:
+            self._finish_running(group.key)
+
+    async def _run_calls(self, group: _Group) -> None:
         live = [(call, future) for call, future in group.calls if not future.done()]
         if not live:
             return

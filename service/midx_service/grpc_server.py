@@ -85,13 +85,16 @@ def _rpc(
     return wrapper
 
 
-def _tensor(array: np.ndarray) -> _pb.Tensor:
-    array = np.ascontiguousarray(array)
-    return _pb.Tensor(
-        dtype=str(array.dtype),
-        shape=list(array.shape),
-        data=array.astype(array.dtype.newbyteorder("<")).tobytes(),
-    )
+def _fill_tensor(tensor: _pb.Tensor, array: np.ndarray) -> None:
+    """Write `array` into the Tensor field `tensor` of a response.
+
+    Filling the response's own field skips the copy that passing a separate Tensor message to the
+    response's constructor makes, and `tobytes` writes C order, so the data is copied only there.
+    """
+    little_endian = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    tensor.dtype = str(little_endian.dtype)
+    tensor.shape.extend(array.shape)
+    tensor.data = little_endian.tobytes()
 
 
 def _info(state: IndexState) -> _pb.IndexInfo:
@@ -191,9 +194,11 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
             seed=request.seed if request.HasField("seed") else None,
             min_version=request.min_version if request.HasField("min_version") else None,
         )
-        response = _pb.SampleResponse(ids=_tensor(answer.ids), log_q=_tensor(answer.log_q), version=answer.version)
+        response = _pb.SampleResponse(version=answer.version)
+        _fill_tensor(response.ids, answer.ids)
+        _fill_tensor(response.log_q, answer.log_q)
         if answer.positive_log_q is not None:
-            response.positive_log_q.CopyFrom(_tensor(answer.positive_log_q))
+            _fill_tensor(response.positive_log_q, answer.positive_log_q)
         return response
 
     @_rpc
@@ -205,7 +210,9 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
             sampler=request.sampler or "midx",
             min_version=request.min_version if request.HasField("min_version") else None,
         )
-        return _pb.LogProbResponse(log_q=_tensor(answer.log_q), version=answer.version)
+        response = _pb.LogProbResponse(version=answer.version)
+        _fill_tensor(response.log_q, answer.log_q)
+        return response
 
     @_rpc
     async def Rebuild(self, request: _pb.RebuildRequest, context: grpc.aio.ServicerContext) -> _pb.RebuildResponse:
