@@ -1,0 +1,1 @@
+"""Generated gRPC code for the midx.v1 protocol; regenerate with scripts/gen_proto.py."""

@@ -1,0 +1,79 @@
+"""Start the sampling service: the REST and gRPC front ends in one process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from midx_service.registry import MutationStore
+from midx_service.server import SamplerServer
+from midx_service.settings import InvalidSettingsError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+# Module that provides `create_store(settings) -> MutationStore` for MIDX_REDIS_URL / MIDX_DATA_DIR.
+PERSISTENCE_MODULE = "midx_service.persistence"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; a flag overrides its MIDX_* variable, which overrides the default."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (env MIDX_{name.upper()}, default {field.default!r})"
+        kind: Any = field.annotation
+        argument_type: Any = str
+        if kind is int or kind is float:
+            argument_type = kind
+        parser.add_argument(flag, dest=name, type=argument_type, default=None, help=help_text)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    try:
+        settings = load_settings(**overrides)
+        store = create_store(settings)
+    except InvalidSettingsError as error:
+        print(f"midx-sampler serve: {error}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(settings, store))
+    except OSError as error:  # a port in use, a certificate that cannot be read
+        print(f"midx-sampler serve: could not start: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def create_store(settings: Settings) -> MutationStore | None:
+    """Return the persistence store the settings ask for, or None for in-memory state."""
+    if settings.redis_url is None and settings.data_dir is None:
+        return None
+    try:
+        module = importlib.import_module(PERSISTENCE_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != PERSISTENCE_MODULE:
+            raise
+        raise InvalidSettingsError(
+            "invalid setting: redis_url / data_dir (MIDX_REDIS_URL, MIDX_DATA_DIR) are set but this build "
+            "has no persistence layer; unset them to keep state in memory"
+        ) from None
+    store: MutationStore = module.create_store(settings)
+    return store
+
+
+async def _serve(settings: Settings, store: MutationStore | None) -> None:
+    server = SamplerServer(settings, store=store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        logger.info("stop signal received")
+    finally:
+        await server.stop()

@@ -1,0 +1,497 @@
+"""The registry of named indexes: versions, immutable snapshot swaps, writers, background refits.
+
+Every index has a config, a status ("empty", "building", "ready", "failed") and a version that grows by
+one with every accepted mutation (table upload, row update, codebook refit). Readers take the current
+`Snapshot`, an immutable (version, MidxIndex) pair, so no answer mixes two versions. A mutation builds the
+next MidxIndex on the compute thread pool while holding the index's writer lock, records it in the
+`MutationStore`, and only then swaps it in and acknowledges it.
+
+Persistence hook: `MutationStore` is the seam for a durable layer (a local directory, Redis). The
+registry calls `append(mutation)` after the next snapshot is built and BEFORE it is swapped in or
+acknowledged, for every kind of mutation: "create", "upload", "update", "refit" and "delete". If
+`append` raises, the mutation is rejected with UnavailableError and the index stays as it was. At
+start-up `IndexRegistry.restore()` calls `load()` and installs each returned `RestoredIndex` (config,
+version and, when the index has a table, a `MidxIndex.state_dict()`). The default `InMemoryStore`
+records nothing and restores nothing. The front ends never see the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from midx_service.core import IndexConfig, MidxIndex
+from midx_service.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MidxError,
+    NotFoundError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+MutationKind = Literal["create", "upload", "update", "refit", "delete"]
+
+
+class IndexStatus(str, enum.Enum):
+    EMPTY = "empty"
+    BUILDING = "building"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable version of an index; `index` is None before the first table upload."""
+
+    version: int
+    index: MidxIndex | None
+    quantization_error: float = 0.0
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """What GET /v1/indexes/{name} reports about one index at one moment."""
+
+    name: str
+    config: IndexConfig
+    status: IndexStatus
+    version: int
+    num_classes: int
+    quantization_error: float
+    fit_quantization_error: float
+    device: str
+    error: str
+    build_seconds: float
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One accepted change, handed to `MutationStore.append` before it is acknowledged.
+
+    version: the version the index has once this mutation is applied. `index` is the new snapshot
+    (None for "create" and "delete"); a store may save `index.state_dict()` instead of replaying the
+    delta. ids (U,) int64, embeddings (U, D) or (N, D) float32 and weights are the request's values
+    for "upload" and "update"; config is set for "create".
+    """
+
+    kind: MutationKind
+    name: str
+    version: int
+    config: IndexConfig | None = None
+    ids: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    index: MidxIndex | None = None
+
+
+@dataclass(frozen=True)
+class RestoredIndex:
+    """An index as a store recovered it: `state` is a `MidxIndex.state_dict()`, or None when empty."""
+
+    name: str
+    config: IndexConfig
+    version: int
+    state: dict[str, Any] | None = None
+
+
+class MutationStore(Protocol):
+    """Durable record of mutations; see the module docstring for when each method is called."""
+
+    async def load(self) -> list[RestoredIndex]: ...
+
+    async def append(self, mutation: Mutation) -> None: ...
+
+
+class InMemoryStore:
+    """The default store: nothing is recorded, so indexes live only as long as the process."""
+
+    async def load(self) -> list[RestoredIndex]:
+        return []
+
+    async def append(self, mutation: Mutation) -> None:
+        return None
+
+
+@dataclass(eq=False)
+class _Entry:
+    name: str
+    config: IndexConfig
+    current: Snapshot
+    status: IndexStatus = IndexStatus.EMPTY
+    error: str = ""
+    build_seconds: float = 0.0
+    deleted: bool = False
+    # Incremented by every table upload, so a refit of a replaced table is dropped.
+    table_generation: int = 0
+    # Ids changed by row updates while a refit runs; they are re-encoded with the new codebooks.
+    refit_changes: list[torch.Tensor] | None = None
+    refit_task: asyncio.Task[int] | None = None
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class IndexRegistry:
+    """Named indexes on one device, safe to use from one event loop.
+
+    device: torch device of every index ("cpu", "cuda", "cuda:1"). compute_threads: size of the pool
+    that runs builds, updates and sampling off the event loop. min_version_timeout_seconds: how long
+    a request with min_version waits for that version. refit_error_ratio: a background refit starts
+    when quantization_error exceeds this multiple of the error measured at the last fit (0 disables).
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        store: MutationStore | None = None,
+        compute_threads: int = 4,
+        min_version_timeout_seconds: float = 10.0,
+        refit_error_ratio: float = 1.5,
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.store: MutationStore = store if store is not None else InMemoryStore()
+        self.min_version_timeout_seconds = min_version_timeout_seconds
+        self.refit_error_ratio = refit_error_ratio
+        self.seed = seed
+        self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="midx-compute")
+        self._entries: dict[str, _Entry] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------------------ life cycle
+
+    async def restore(self) -> None:
+        """Install the indexes the store recovered; call once before serving."""
+        for restored in await self.store.load():
+            snapshot = Snapshot(restored.version, None)
+            if restored.state is not None:
+                index = await self.compute(MidxIndex.from_state_dict, restored.state, self.device)
+                snapshot = Snapshot(restored.version, index, await self.compute(_quantization_error, index))
+            entry = _Entry(restored.name, restored.config, snapshot)
+            entry.status = IndexStatus.READY if snapshot.index is not None else IndexStatus.EMPTY
+            self._entries[restored.name] = entry
+            logger.info("index %r restored at version %d", restored.name, restored.version)
+
+    async def close(self) -> None:
+        """Cancel background refits and stop the compute pool (running computations finish first)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def compute(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `function` on the compute pool so the event loop keeps answering."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
+
+    # -------------------------------------------------------------------------------- queries
+
+    def state(self, name: str) -> IndexState:
+        return self._state(self._entry(name))
+
+    def states(self) -> list[IndexState]:
+        return [self._state(entry) for entry in sorted(self._entries.values(), key=lambda entry: entry.name)]
+
+    def ready(self) -> bool:
+        """True when every index is ready (and so when there is none)."""
+        return all(entry.status is IndexStatus.READY for entry in self._entries.values())
+
+    async def snapshot(self, name: str, min_version: int | None = None) -> Snapshot:
+        """Return the current snapshot of a ready index, first waiting for `min_version` if given.
+
+        Raises NotFoundError, FailedPreconditionError (no table yet, a failed build, or min_version
+        not reached within min_version_timeout_seconds) or UnavailableError (first build running).
+        """
+        entry = self._entry(name)
+        if min_version is not None and entry.current.version < min_version:
+            await self._wait_for_version(entry, min_version)
+        if entry.deleted:
+            raise NotFoundError(f"index {name!r} was deleted")
+        snapshot = entry.current
+        if snapshot.index is None:
+            raise _no_table_error(entry)
+        return snapshot
+
+    async def _wait_for_version(self, entry: _Entry, min_version: int) -> None:
+        timeout = self.min_version_timeout_seconds
+        try:
+            async with entry.changed:
+                await asyncio.wait_for(
+                    entry.changed.wait_for(lambda: entry.deleted or entry.current.version >= min_version),
+                    timeout,
+                )
+        except asyncio.TimeoutError:
+            raise FailedPreconditionError(
+                f"index {entry.name!r} is at version {entry.current.version}, the request needs "
+                f"min_version {min_version}; waited {timeout:g} s. Send the mutation that creates that "
+                "version first, or lower min_version"
+            ) from None
+
+    # ------------------------------------------------------------------------------ mutations
+
+    async def create(self, name: str, config: IndexConfig) -> IndexState:
+        _check_name(name)
+        if name in self._entries:
+            raise AlreadyExistsError(f"index {name!r} exists already; delete it first or pick another name")
+        entry = _Entry(name, config, Snapshot(0, None))
+        await self._record(Mutation("create", name, 0, config=config))
+        if name in self._entries:  # created by a concurrent request while the store was writing
+            raise AlreadyExistsError(f"index {name!r} exists already; delete it first or pick another name")
+        self._entries[name] = entry
+        logger.info("index %r created: %s", name, config.to_dict())
+        return self._state(entry)
+
+    async def delete(self, name: str) -> None:
+        entry = self._entry(name)
+        if entry.refit_task is not None:
+            entry.refit_task.cancel()
+        async with entry.write_lock:
+            if entry.deleted:
+                raise NotFoundError(f"index {name!r} was deleted")
+            await self._record(Mutation("delete", name, entry.current.version))
+            entry.deleted = True
+            del self._entries[name]
+        async with entry.changed:
+            entry.changed.notify_all()
+        logger.info("index %r deleted", name)
+
+    async def upload(self, name: str, embeddings: Any, weights: Any | None = None) -> int:
+        """Build the index from the whole (N, D) table and swap it in; return the new version."""
+        entry = self._entry(name)
+        async with entry.write_lock:
+            self._check_live(entry)
+            previous_status = entry.status
+            entry.status = IndexStatus.BUILDING
+            started = time.perf_counter()
+            try:
+                index, error = await self.compute(self._build, entry.config, embeddings, weights)
+                version = entry.current.version + 1
+                await self._record(
+                    Mutation(
+                        "upload",
+                        name,
+                        version,
+                        embeddings=index.embeddings,
+                        weights=index.weights,
+                        index=index,
+                    )
+                )
+            except MidxError:
+                entry.status = previous_status
+                raise
+            except Exception as failure:
+                logger.exception("building index %r failed", name)
+                if entry.current.index is None:
+                    entry.status, entry.error = IndexStatus.FAILED, f"build failed: {failure}"
+                else:
+                    entry.status = previous_status
+                raise
+            entry.table_generation += 1
+            entry.build_seconds = time.perf_counter() - started
+            entry.status, entry.error = IndexStatus.READY, ""
+            await self._swap(entry, Snapshot(version, index, error))
+        logger.info("index %r version %d: table of %d classes uploaded", name, version, index.num_classes)
+        return version
+
+    async def update(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
+        """Replace or append rows, re-encoding only them; return the new version."""
+        entry = self._entry(name)
+        async with entry.write_lock:
+            self._check_live(entry)
+            current = entry.current
+            if current.index is None:
+                raise _no_table_error(entry)
+            index, error = await self.compute(_update_rows, current.index, ids, embeddings, weights)
+            id_vector = torch.as_tensor(np.asarray(ids), dtype=torch.int64).reshape(-1)
+            rows = id_vector.to(index.device)
+            version = current.version + 1
+            await self._record(
+                Mutation(
+                    "update",
+                    name,
+                    version,
+                    ids=id_vector,
+                    embeddings=index.embeddings[rows],
+                    weights=None if weights is None or index.weights is None else index.weights[rows],
+                    index=index,
+                )
+            )
+            if entry.refit_changes is not None:
+                entry.refit_changes.append(id_vector)
+            await self._swap(entry, Snapshot(version, index, error))
+        self._maybe_refit(entry)
+        return version
+
+    async def refit(self, name: str) -> int:
+        """Refit the codebooks now (or join a running refit); return the version that holds them."""
+        entry = self._entry(name)
+        self._check_live(entry)
+        if entry.current.index is None:
+            raise _no_table_error(entry)
+        return await asyncio.shield(self._start_refit(entry))
+
+    def _maybe_refit(self, entry: _Entry) -> None:
+        snapshot = entry.current
+        if self.refit_error_ratio <= 0 or snapshot.index is None or entry.refit_task is not None:
+            return
+        fitted = snapshot.index.fit_quantization_error
+        if fitted > 0 and snapshot.quantization_error > self.refit_error_ratio * fitted:
+            logger.info(
+                "index %r: quantisation error %.4f exceeds %g x %.4f at the last fit; refitting",
+                entry.name,
+                snapshot.quantization_error,
+                self.refit_error_ratio,
+                fitted,
+            )
+            self._start_refit(entry)
+
+    def _start_refit(self, entry: _Entry) -> asyncio.Task[int]:
+        if entry.refit_task is None or entry.refit_task.done():
+            task = asyncio.create_task(self._run_refit(entry), name=f"refit-{entry.name}")
+            entry.refit_task = task
+            self._background.add(task)
+            task.add_done_callback(lambda done: self._refit_done(entry, done))
+        return entry.refit_task
+
+    def _refit_done(self, entry: _Entry, task: asyncio.Task[int]) -> None:
+        self._background.discard(task)
+        if entry.refit_task is task:
+            entry.refit_task = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("refit of index %r failed: %s", entry.name, task.exception())
+
+    async def _run_refit(self, entry: _Entry) -> int:
+        base = entry.current
+        if base.index is None:
+            raise _no_table_error(entry)
+        generation = entry.table_generation
+        entry.refit_changes = []
+        try:
+            refitted = await self.compute(base.index.refit, seed=self.seed)
+            async with entry.write_lock:
+                self._check_live(entry)
+                if entry.table_generation != generation:
+                    # A new table replaced the refitted one while k-means ran; its build fitted fresh
+                    # codebooks, so this result is dropped.
+                    return entry.current.version
+                current = entry.current
+                assert current.index is not None
+                changes = entry.refit_changes
+                index, error = await self.compute(_replay_rows, refitted, current.index, changes)
+                version = current.version + 1
+                await self._record(Mutation("refit", entry.name, version, index=index))
+                await self._swap(entry, Snapshot(version, index, error))
+            logger.info("index %r version %d: codebooks refitted", entry.name, version)
+            return version
+        finally:
+            entry.refit_changes = None
+
+    # -------------------------------------------------------------------------------- helpers
+
+    def _build(self, config: IndexConfig, embeddings: Any, weights: Any | None) -> tuple[MidxIndex, float]:
+        index = MidxIndex.build(config, embeddings, weights, device=self.device, seed=self.seed)
+        return index, _quantization_error(index)
+
+    async def _record(self, mutation: Mutation) -> None:
+        try:
+            await self.store.append(mutation)
+        except MidxError:
+            raise
+        except Exception as error:
+            logger.error("recording %s of index %r failed: %s", mutation.kind, mutation.name, error)
+            raise UnavailableError(
+                f"could not record the {mutation.kind} of index {mutation.name!r} ({error}); "
+                "the index is unchanged, retry when persistence is back"
+            ) from error
+
+    async def _swap(self, entry: _Entry, snapshot: Snapshot) -> None:
+        entry.current = snapshot
+        async with entry.changed:
+            entry.changed.notify_all()
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFoundError(f"index {name!r} not found; create it with PUT /v1/indexes/{name}")
+        return entry
+
+    @staticmethod
+    def _check_live(entry: _Entry) -> None:
+        if entry.deleted:
+            raise NotFoundError(f"index {entry.name!r} was deleted")
+
+    def _state(self, entry: _Entry) -> IndexState:
+        snapshot = entry.current
+        index = snapshot.index
+        return IndexState(
+            name=entry.name,
+            config=entry.config,
+            status=entry.status,
+            version=snapshot.version,
+            num_classes=0 if index is None else index.num_classes,
+            quantization_error=snapshot.quantization_error,
+            fit_quantization_error=0.0 if index is None else index.fit_quantization_error,
+            device=str(self.device),
+            error=entry.error,
+            build_seconds=entry.build_seconds,
+        )
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidArgumentError(
+            f"index name {name!r} is invalid; use 1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _no_table_error(entry: _Entry) -> MidxError:
+    if entry.status is IndexStatus.BUILDING:
+        return UnavailableError(f"index {entry.name!r} is building its first table; retry when it is ready")
+    if entry.status is IndexStatus.FAILED:
+        return FailedPreconditionError(
+            f"index {entry.name!r} has no table because its build failed ({entry.error}); "
+            "upload the table again"
+        )
+    return FailedPreconditionError(
+        f"index {entry.name!r} has no table yet; upload embeddings first "
+        f"(PUT /v1/indexes/{entry.name}/embeddings)"
+    )
+
+
+def _quantization_error(index: MidxIndex) -> float:
+    # Reading it walks the whole table, so it is computed once per snapshot on the compute pool.
+    return index.quantization_error
+
+
+def _update_rows(index: MidxIndex, ids: Any, embeddings: Any, weights: Any | None) -> tuple[MidxIndex, float]:
+    updated = index.update_rows(ids, embeddings, weights)
+    return updated, _quantization_error(updated)
+
+
+def _replay_rows(
+    refitted: MidxIndex, current: MidxIndex, changes: list[torch.Tensor] | None
+) -> tuple[MidxIndex, float]:
+    """Apply to `refitted` the rows that changed in `current` since the refit started."""
+    if changes:
+        ids = torch.unique(torch.cat(changes)).to(current.device)
+        weights = None if current.weights is None else current.weights[ids]
+        refitted = refitted.update_rows(ids, current.embeddings[ids], weights)
+    return refitted, _quantization_error(refitted)

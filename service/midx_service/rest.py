@@ -1,0 +1,508 @@
+"""The REST front end (FastAPI): translates HTTP requests to `SamplerService` calls and back."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from midx_service.arrays import NPY_CONTENT_TYPE, NPZ_CONTENT_TYPE, from_json, json_floats, load_npy, load_npz
+from midx_service.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MidxError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from midx_service.registry import IndexState
+from midx_service.service import SamplerService
+
+logger = logging.getLogger(__name__)
+
+# The one exception-to-status mapping of the REST transport.
+HTTP_STATUS = {
+    InvalidArgumentError: 400,
+    UnauthenticatedError: 401,
+    NotFoundError: 404,
+    AlreadyExistsError: 409,
+    FailedPreconditionError: 409,
+    ResourceExhaustedError: 413,
+    UnavailableError: 503,
+}
+
+
+def http_status(error: MidxError) -> int:
+    for kind, status in HTTP_STATUS.items():
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+# ------------------------------------------------------------------------------------------ schemas
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="canonical code, e.g. invalid_argument, not_found, failed_precondition")
+    message: str = Field(description="what was expected, what came, and how to fix it")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class CreateIndexBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(description="dimension D of the class embeddings and queries")
+    num_codewords: int = Field(64, description="codewords K per codebook")
+    quantizer: Literal["rq", "pq"] = "rq"
+    last_stage: Literal["uniform", "popularity"] = "uniform"
+    metric: Literal["dot", "cosine"] = "dot"
+    unigram_alpha: float = Field(0.75, description="exponent of the unigram baseline")
+
+
+class IndexInfoBody(BaseModel):
+    name: str
+    dim: int
+    num_codewords: int
+    quantizer: str
+    last_stage: str
+    metric: str
+    unigram_alpha: float
+    num_classes: int
+    version: int
+    status: Literal["empty", "building", "ready", "failed"]
+    quantization_error: float
+    fit_quantization_error: float
+    device: str
+    error: str = Field("", description="why the last build failed, when status is failed")
+
+
+class IndexListBody(BaseModel):
+    indexes: list[IndexInfoBody]
+
+
+class UploadEmbeddingsBody(BaseModel):
+    embeddings: list[list[float]] = Field(description="(N, D) class embeddings")
+    weights: list[float] | None = Field(None, description="(N,) class weights >= 0")
+
+
+class UpdateEmbeddingsBody(BaseModel):
+    ids: list[int] = Field(description="(U,) row ids; num_classes, num_classes + 1, ... append rows")
+    embeddings: list[list[float]] = Field(description="(U, D) new rows")
+    weights: list[float] | None = Field(None, description="(U,) new weights")
+
+
+class VersionBody(BaseModel):
+    version: int
+
+
+class SampleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[list[float]] = Field(description="(B, D) query vectors")
+    num_samples: int = Field(description="classes M drawn per query")
+    positives: list[list[int]] | None = Field(None, description="(B, P) ids whose log Q is returned")
+    exclude_positives: bool = Field(False, description="never draw a query's positives")
+    sampler: Literal["midx", "uniform", "unigram", "exact"] = "midx"
+    seed: int | None = Field(None, description="makes the draws reproducible")
+    min_version: int | None = Field(None, description="wait (bounded) until the index has this version")
+
+
+class SampleResponseBody(BaseModel):
+    ids: list[list[int]] = Field(description="(B, M) drawn class ids")
+    log_q: list[list[float | None]] = Field(description="(B, M) normalised log Q; null stands for -inf")
+    positive_log_q: list[list[float | None]] | None = Field(None, description="(B, P) log Q of the positives")
+    version: int
+
+
+class LogProbBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[list[float]] = Field(description="(B, D) query vectors")
+    ids: list[list[int]] = Field(description="(B, P) class ids")
+    sampler: Literal["midx", "uniform", "unigram", "exact"] = "midx"
+    min_version: int | None = None
+
+
+class LogProbResponseBody(BaseModel):
+    log_q: list[list[float | None]] = Field(description="(B, P) normalised log Q; null stands for -inf")
+    version: int
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "invalid input (bad shape, dtype, NaN/Inf, out-of-range id or option)",
+        401: "missing or wrong bearer token",
+        404: "unknown index",
+        409: "index exists already, has no table yet, or min_version was not reached in time",
+        413: "body or table above the configured size limit",
+        422: "body does not match the schema",
+        503: "index is building its first table, or persistence is unavailable",
+    }
+    return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
+
+
+def _binary_body_doc(description: str, arrays: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{arrays}"}},
+                NPY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                NPZ_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+
+def _info_body(state: IndexState) -> dict[str, Any]:
+    config = state.config
+    return {
+        "name": state.name,
+        "dim": config.dim,
+        "num_codewords": config.num_codewords,
+        "quantizer": config.quantizer,
+        "last_stage": config.last_stage,
+        "metric": config.metric,
+        "unigram_alpha": config.unigram_alpha,
+        "num_classes": state.num_classes,
+        "version": state.version,
+        "status": state.status.value,
+        "quantization_error": state.quantization_error,
+        "fit_quantization_error": state.fit_quantization_error,
+        "device": state.device,
+        "error": state.error,
+    }
+
+
+def _error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------- bodies
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Return the request body, raising ResourceExhaustedError as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ResourceExhaustedError(
+            f"the body is {declared} bytes, above the limit of {limit} bytes (MIDX_MAX_BODY_BYTES)"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ResourceExhaustedError(
+                f"the body is more than {limit} bytes, above the limit (MIDX_MAX_BODY_BYTES)"
+            )
+    return bytes(body)
+
+
+def _check_digest(request: Request, body: bytes) -> None:
+    """Reject the body when its Content-Digest (RFC 9530) sha-256 does not match."""
+    header = request.headers.get("content-digest")
+    if header is None:
+        return
+    for item in header.split(","):
+        algorithm, _, value = item.strip().partition("=")
+        if algorithm.strip().lower() != "sha-256":
+            continue
+        try:
+            expected = base64.b64decode(value.strip().strip(":"), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidArgumentError(f"Content-Digest {header!r} is not valid base64") from None
+        if not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
+            raise InvalidArgumentError(
+                "the body's SHA-256 does not match its Content-Digest header; the upload was corrupted, "
+                "send it again"
+            )
+        return
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(f"the body is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"the body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _table_arrays(request: Request, body: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    media_type = _media_type(request)
+    if media_type == NPY_CONTENT_TYPE:
+        return load_npy(body, "embeddings"), None
+    if media_type == NPZ_CONTENT_TYPE:
+        arrays = load_npz(body, ("embeddings", "weights"), ("embeddings",))
+        return arrays["embeddings"], arrays.get("weights")
+    if media_type == "application/json":
+        values = _parse_json(body)
+        _check_keys(values, required=("embeddings",), optional=("weights",))
+        weights = values.get("weights")
+        return (
+            from_json(values["embeddings"], "embeddings", np.float32),
+            None if weights is None else from_json(weights, "weights", np.float64),
+        )
+    raise InvalidArgumentError(
+        f"Content-Type {media_type!r} is not supported; send application/json, {NPY_CONTENT_TYPE} "
+        f"or {NPZ_CONTENT_TYPE}"
+    )
+
+
+def _update_arrays(request: Request, body: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    media_type = _media_type(request)
+    if media_type == NPZ_CONTENT_TYPE:
+        arrays = load_npz(body, ("ids", "embeddings", "weights"), ("ids", "embeddings"))
+        return arrays["ids"], arrays["embeddings"], arrays.get("weights")
+    if media_type == "application/json":
+        values = _parse_json(body)
+        _check_keys(values, required=("ids", "embeddings"), optional=("weights",))
+        weights = values.get("weights")
+        return (
+            from_json(values["ids"], "ids", np.int64),
+            from_json(values["embeddings"], "embeddings", np.float32),
+            None if weights is None else from_json(weights, "weights", np.float64),
+        )
+    raise InvalidArgumentError(
+        f"Content-Type {media_type!r} is not supported; send application/json or {NPZ_CONTENT_TYPE}"
+    )
+
+
+def _check_keys(values: dict[str, Any], *, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    missing = [key for key in required if key not in values]
+    unknown = sorted(set(values) - set(required) - set(optional))
+    if missing or unknown:
+        raise InvalidArgumentError(
+            f"the body must have fields {list(required)} and may have {list(optional)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- app
+
+
+def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lambda: False) -> FastAPI:
+    """Return the FastAPI app of `service`; `is_stopping` makes /readyz fail during a graceful stop."""
+    settings = service.settings
+    metrics = service.metrics
+    token = settings.token
+    app = FastAPI(
+        title="MIDX sampling service",
+        version="1",
+        description="Adaptive negative sampling (MIDX) over named, versioned class-embedding indexes.",
+    )
+
+    async def require_token(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise UnauthenticatedError(
+                "missing or wrong bearer token; send the header 'Authorization: Bearer <MIDX_API_TOKEN>'"
+            )
+
+    @app.exception_handler(MidxError)
+    async def _midx_error(request: Request, error: MidxError) -> JSONResponse:
+        status = http_status(error)
+        if status >= 500 and not isinstance(error, UnavailableError):
+            logger.error("%s %s failed: %s", request.method, request.url.path, error)
+        return _error_response(status, error.code, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+            for problem in error.errors()[:5]
+        )
+        return _error_response(422, "invalid_argument", f"the body does not match the schema: {problems}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("%s %s failed unexpectedly", request.method, request.url.path)
+        return _error_response(500, "internal", f"internal error: {type(error).__name__}")
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        method = getattr(route, "name", None) or "unknown"
+        metrics.observe("rest", method, str(response.status_code), time.perf_counter() - started)
+        return response
+
+    health = APIRouter(tags=["health"])
+
+    @health.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @health.get(
+        "/readyz",
+        summary="Every index is ready (503 while any is building or failed, or while stopping)",
+        responses=_error_responses(503),
+    )
+    async def readyz() -> Any:
+        if is_stopping():
+            return _error_response(503, "unavailable", "the server is stopping")
+        not_ready = [
+            f"{state.name} ({state.status.value})"
+            for state in service.list_indexes()
+            if state.status.value != "ready"
+        ]
+        if not_ready:
+            return _error_response(503, "unavailable", f"indexes not ready: {', '.join(not_ready)}")
+        return {"status": "ready"}
+
+    api = APIRouter(prefix="/v1", tags=["indexes"], dependencies=[Depends(require_token)])
+    common = _error_responses(401, 404)
+
+    @api.put(
+        "/indexes/{name}",
+        summary="Create an index",
+        response_model=IndexInfoBody,
+        status_code=201,
+        responses=_error_responses(400, 401, 409, 422),
+    )
+    async def create_index(name: str, body: CreateIndexBody) -> Any:
+        state = await service.create_index(name, body.model_dump())
+        return JSONResponse(_info_body(state), status_code=201)
+
+    @api.get(
+        "/indexes", summary="List the indexes", response_model=IndexListBody, responses=_error_responses(401)
+    )
+    async def list_indexes() -> Any:
+        return {"indexes": [_info_body(state) for state in service.list_indexes()]}
+
+    @api.get("/indexes/{name}", summary="Describe an index", response_model=IndexInfoBody, responses=common)
+    async def get_index(name: str) -> Any:
+        return _info_body(service.get_index(name))
+
+    @api.delete("/indexes/{name}", summary="Delete an index", status_code=204, responses=common)
+    async def delete_index(name: str) -> Response:
+        await service.delete_index(name)
+        return Response(status_code=204)
+
+    @api.put(
+        "/indexes/{name}/embeddings",
+        summary="Upload the whole table and build the index",
+        response_model=VersionBody,
+        responses=_error_responses(400, 401, 404, 413, 503),
+        openapi_extra=_binary_body_doc(
+            "JSON {embeddings, weights?}, a .npy file of the (N, D) table, or a .npz file with arrays "
+            "`embeddings` and optionally `weights`. An optional Content-Digest: sha-256=:<base64>: header "
+            "is checked.",
+            "UploadEmbeddingsBody",
+        ),
+    )
+    async def upload_embeddings(name: str, request: Request) -> Any:
+        service.get_index(name)  # an unknown index is reported before a large body is read
+        body = await _read_body(request, settings.max_body_bytes)
+        _check_digest(request, body)
+        embeddings, weights = _table_arrays(request, body)
+        service.check_table_bytes(embeddings.nbytes)
+        return {"version": await service.upload_embeddings(name, embeddings, weights)}
+
+    @api.patch(
+        "/indexes/{name}/embeddings",
+        summary="Replace or append rows",
+        response_model=VersionBody,
+        responses=_error_responses(400, 401, 404, 409, 413, 503),
+        openapi_extra=_binary_body_doc(
+            "JSON {ids, embeddings, weights?} or a .npz file with arrays `ids`, `embeddings` and optionally "
+            "`weights`.",
+            "UpdateEmbeddingsBody",
+        ),
+    )
+    async def update_embeddings(name: str, request: Request) -> Any:
+        body = await _read_body(request, settings.max_body_bytes)
+        _check_digest(request, body)
+        ids, embeddings, weights = _update_arrays(request, body)
+        return {"version": await service.update_embeddings(name, ids, embeddings, weights)}
+
+    @api.post(
+        "/indexes/{name}/sample",
+        summary="Draw negatives for a batch of queries",
+        response_model=SampleResponseBody,
+        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
+    )
+    async def sample(name: str, body: SampleBody) -> Any:
+        positives = None if body.positives is None else from_json(body.positives, "positives", np.int64)
+        answer = await service.sample(
+            name,
+            from_json(body.queries, "queries", np.float32),
+            body.num_samples,
+            positives=positives,
+            exclude_positives=body.exclude_positives,
+            sampler=body.sampler,
+            seed=body.seed,
+            min_version=body.min_version,
+        )
+        return JSONResponse(
+            {
+                "ids": answer.ids.tolist(),
+                "log_q": json_floats(answer.log_q),
+                "positive_log_q": None
+                if answer.positive_log_q is None
+                else json_floats(answer.positive_log_q),
+                "version": answer.version,
+            }
+        )
+
+    @api.post(
+        "/indexes/{name}/log-prob",
+        summary="Log Q of given ids for a batch of queries",
+        response_model=LogProbResponseBody,
+        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
+    )
+    async def log_prob(name: str, body: LogProbBody) -> Any:
+        answer = await service.log_prob(
+            name,
+            from_json(body.queries, "queries", np.float32),
+            from_json(body.ids, "ids", np.int64),
+            sampler=body.sampler,
+            min_version=body.min_version,
+        )
+        return JSONResponse({"log_q": json_floats(answer.log_q), "version": answer.version})
+
+    @api.post(
+        "/indexes/{name}/rebuild",
+        summary="Refit the codebooks now",
+        response_model=VersionBody,
+        responses=_error_responses(401, 404, 409, 503),
+    )
+    async def rebuild(name: str) -> Any:
+        return {"version": await service.rebuild(name)}
+
+    @app.get("/metrics", summary="Prometheus metrics", tags=["health"], dependencies=[Depends(require_token)])
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(health)
+    app.include_router(api)
+    return app

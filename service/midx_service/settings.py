@@ -1,0 +1,120 @@
+"""Server settings: one object read from MIDX_* environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class InvalidSettingsError(ValueError):
+    """A setting has an invalid value; the message names the setting and the value."""
+
+
+class Settings(BaseSettings):
+    """Every setting of `midx-sampler serve`; MIDX_<NAME> sets <name> (e.g. MIDX_HTTP_PORT)."""
+
+    model_config = SettingsConfigDict(env_prefix="MIDX_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address both front ends listen on (0.0.0.0 for all)")
+    http_port: int = Field(8000, ge=0, le=65535, description="REST port (0 picks a free port)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free port)")
+    device: str = Field(
+        "auto", description="torch device of the indexes: auto (cuda when present), cpu, cuda"
+    )
+    redis_url: str | None = Field(None, description="Redis URL for persistence; unset keeps state in memory")
+    data_dir: Path | None = Field(
+        None, description="directory for local snapshots; unset keeps state in memory"
+    )
+    api_token: SecretStr | None = Field(None, description="bearer token required on every non-health route")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain for gRPC TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key for gRPC TLS")
+    max_message_bytes: int = Field(
+        64 * MIB, ge=1024, description="largest gRPC message, in bytes (upload chunks are smaller)"
+    )
+    max_body_bytes: int = Field(
+        512 * MIB, ge=1024, description="largest REST body and largest uploaded table, in bytes"
+    )
+    max_batch: int = Field(65536, ge=1, description="most queries in one sample or log-prob request")
+    max_num_samples: int = Field(100_000, ge=1, description="largest num_samples per query")
+    batch_window_ms: float = Field(
+        2.0,
+        ge=0.0,
+        le=1000.0,
+        description="how long a sample request waits to be batched with others (0: never)",
+    )
+    min_version_timeout_seconds: float = Field(
+        10.0, gt=0.0, le=3600.0, description="how long a request waits for its min_version"
+    )
+    refit_error_ratio: float = Field(
+        1.5,
+        ge=0.0,
+        description="refit when the quantisation error exceeds this multiple of the last fit's (0: never)",
+    )
+    compute_threads: int = Field(4, ge=1, le=256, description="threads that run index builds and sampling")
+    shutdown_grace_seconds: float = Field(
+        5.0, ge=0.0, le=600.0, description="how long a graceful stop lets running requests finish"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{value!r} was requested but torch finds no CUDA device; use cpu or auto")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("refit_error_ratio")
+    @classmethod
+    def _check_ratio(cls, value: float) -> float:
+        if 0.0 < value <= 1.0:
+            raise ValueError(f"must be 0 (never refit) or above 1, got {value}")
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _check_path(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"{str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "tls_cert_file and tls_key_file must be set together (MIDX_TLS_CERT_FILE, MIDX_TLS_KEY_FILE)"
+            )
+        return self
+
+    @property
+    def token(self) -> str | None:
+        return None if self.api_token is None else self.api_token.get_secret_value() or None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment, with `overrides` (e.g. CLI flags) taking precedence.
+
+    Raises InvalidSettingsError naming each invalid setting, its environment variable and the problem.
+    """
+    values = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            name = ".".join(str(part) for part in problem["loc"]) or "settings"
+            variable = f" (MIDX_{name.upper()})" if name in Settings.model_fields else ""
+            problems.append(f"{name}{variable}: {problem['msg']}")
+        raise InvalidSettingsError("invalid setting: " + "; ".join(problems)) from None
