@@ -41,7 +41,6 @@ RUN python3 -m venv /opt/venv \
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY client ./client
-COPY proto ./proto
 RUN /opt/venv/bin/python -m pip install --quiet -c constraints.txt '.[server]'
 
 
@@ -59,9 +58,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     MIDX_HOST=0.0.0.0 \
     MIDX_HTTP_PORT=8000 \
     MIDX_GRPC_PORT=50051 \
-    MIDX_DEVICE=auto \
-    MIDX_DATA_DIR=/var/lib/midx
+    MIDX_DEVICE=auto
 USER 10001:10001
+# State stays in memory unless MIDX_REDIS_URL or MIDX_DATA_DIR is set; /var/lib/midx is the place
+# for MIDX_DATA_DIR's snapshots.
 WORKDIR /var/lib/midx
 VOLUME ["/var/lib/midx"]
 EXPOSE 8000 50051
