@@ -2,6 +2,7 @@
 
 from midx_client.errors import SamplerError
 from midx_client.grpc_client import AsyncSamplerClient, SamplerClient
+from midx_client.loss import sampled_softmax_loss, sampled_softmax_loss_from_logits
 from midx_client.rest_client import AsyncRestSamplerClient, RestSamplerClient
 from midx_client.types import IndexInfo, LogProbResult, SampleResult
 
@@ -14,4 +15,6 @@ __all__ = [
     "SampleResult",
     "SamplerClient",
     "SamplerError",
+    "sampled_softmax_loss",
+    "sampled_softmax_loss_from_logits",
 ]

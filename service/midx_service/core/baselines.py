@@ -75,9 +75,7 @@ class UniformSampler:
 class UnigramSampler:
     """Q(i) proportional to weight_i ** alpha, whatever the query; uniform when the table has no weights."""
 
-    def __init__(
-        self, weights: torch.Tensor | None, num_classes: int, alpha: float, device: torch.device
-    ) -> None:
+    def __init__(self, weights: torch.Tensor | None, num_classes: int, alpha: float, device: torch.device) -> None:
         if weights is None:
             mass = torch.ones(num_classes, dtype=torch.float64, device=device)
         else:
@@ -116,7 +114,7 @@ class UnigramSampler:
             start,
             torch.full_like(start, self.mass.shape[0]),
             prefix=self.prefix,
-            mass=remaining.repeat_interleave(num_samples),
+            mass=torch.full(start.shape, self.total, dtype=torch.float64, device=self.device),
             last_positive=torch.full_like(start, self.last_positive),
             exclusions=exclusions,
         )
@@ -147,9 +145,7 @@ class ExactSampler:
     def log_prob(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         log_z = torch.cat(
             [
-                torch.logsumexp(
-                    self._block_log_normalisers(queries[start : start + self.row_block], None), dim=1
-                )
+                torch.logsumexp(self._block_log_normalisers(queries[start : start + self.row_block], None), dim=1)
                 for start in range(0, queries.shape[0], self.row_block)
             ]
         )
@@ -179,9 +175,7 @@ class ExactSampler:
             positive_logits = self._logits_of(queries, positives)
             log_z_full = log_z
             if excluded is not None:
-                distinct_logits = self._logits_of(queries, excluded.ids).masked_fill(
-                    ~excluded.distinct, -torch.inf
-                )
+                distinct_logits = self._logits_of(queries, excluded.ids).masked_fill(~excluded.distinct, -torch.inf)
                 log_z_full = torch.logaddexp(log_z, torch.logsumexp(distinct_logits, dim=1))
             positive_log_q = positive_logits - log_z_full.unsqueeze(1)
         return SampleResult(ids=ids, log_q=log_q, positive_log_q=positive_log_q)
@@ -200,9 +194,7 @@ class ExactSampler:
         empty = torch.isneginf(log_z)
         if bool(empty.any()):
             query = first_row + int(empty.nonzero()[0, 0])
-            raise InvalidArgumentError(
-                f"query {query}: excluding its positives leaves no class that can be drawn"
-            )
+            raise InvalidArgumentError(f"query {query}: excluding its positives leaves no class that can be drawn")
 
         # Pick a column block per draw, then a class inside it from that block's own CDF.
         block_cumsum = torch.cumsum(torch.exp(block_log_z.double() - log_z.double().unsqueeze(1)), dim=1)
@@ -251,6 +243,4 @@ def _check_remaining(remaining: torch.Tensor) -> None:
     empty = remaining <= 0
     if bool(empty.any()):
         query = int(empty.nonzero()[0, 0])
-        raise InvalidArgumentError(
-            f"query {query}: excluding its positives leaves no class that can be drawn"
-        )
+        raise InvalidArgumentError(f"query {query}: excluding its positives leaves no class that can be drawn")

@@ -70,9 +70,7 @@ def build_cells(codes: torch.Tensor, num_codewords: int, weights: torch.Tensor |
 
     mass_scale = float(mass.max()) if num_classes > 0 and float(mass.max()) > 0 else 1.0
     scaled_mass = (mass / mass_scale).to(torch.float32).view(num_codewords, num_codewords)
-    log_scaled_mass = torch.where(
-        scaled_mass > 0, scaled_mass.log(), torch.full_like(scaled_mass, -torch.inf)
-    )
+    log_scaled_mass = torch.where(scaled_mass > 0, scaled_mass.log(), torch.full_like(scaled_mass, -torch.inf))
     return Cells(
         num_codewords=num_codewords,
         order=order,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -21,7 +22,6 @@ from midx_service.core.draw import (
     Exclusions,
     draw_from_cumsum,
     draw_in_segments,
-    search_segments,
     uniform_below,
 )
 from midx_service.core.quantizer import Codebooks, fit_codebooks
@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KMEANS_ITERATIONS = 25
 DEFAULT_MAX_POINTS_PER_CODEWORD = 256
+
+# Elements of the per-block (queries x K x K) float32 workspace: 16M (64 MB) bounds sampling memory
+# whatever the batch size, and blocks of queries are sampled one after another.
+WORKSPACE_ELEMENTS = 16 * 2**20
 
 # A row mass below this (relative to the query's best codeword) loses precision in float32, so the
 # query's row masses are recomputed in log space instead.
@@ -61,8 +65,10 @@ class MidxIndex:
         codes: torch.Tensor,
         row_error: torch.Tensor,
         fit_quantization_error: float,
+        codebook_fit: str = "kmeans",
     ) -> None:
         self.config = config
+        self.codebook_fit = codebook_fit
         self.device = embeddings.device
         self.embeddings = embeddings
         self.weights = weights
@@ -72,11 +78,9 @@ class MidxIndex:
         self.fit_quantization_error = fit_quantization_error
         popularity = config.last_stage == "popularity"
         self.cells: Cells = build_cells(codes, config.num_codewords, weights if popularity else None)
-        if popularity:
-            assert weights is not None
+        self._log_weight: torch.Tensor | None = None
+        if popularity and weights is not None:
             self._log_weight = torch.where(weights > 0, weights.log(), -torch.inf).to(torch.float32)
-        else:
-            self._log_weight = None
         self._baselines: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------- building
@@ -105,7 +109,7 @@ class MidxIndex:
             raise InvalidArgumentError("embeddings has 0 rows; an index needs at least one class")
         weight_vector = _check_weights(config, weights, table.shape[0], device)
         if config.metric == "cosine":
-            table = _normalise_rows(table)
+            table = normalise_rows(table)
 
         started = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -118,7 +122,7 @@ class MidxIndex:
             max_points_per_codeword=max_points_per_codeword,
         )
         codes = codebooks.encode(table)
-        row_error = _relative_residual_norms(table, codebooks, codes)
+        row_error = relative_residual_norms(table, codebooks, codes)
         error = _mean_error(row_error, table)
         index = cls(config, table, weight_vector, codebooks, codes, row_error, error)
         logger.info(
@@ -132,9 +136,7 @@ class MidxIndex:
         )
         return index
 
-    def update_rows(
-        self, ids: ArrayLike, embeddings: ArrayLike, weights: ArrayLike | None = None
-    ) -> MidxIndex:
+    def update_rows(self, ids: ArrayLike, embeddings: ArrayLike, weights: ArrayLike | None = None) -> MidxIndex:
         """Return a new index with rows `ids` replaced by `embeddings` (U, D); this one is unchanged.
 
         ids equal to num_classes, num_classes + 1, ... append rows (they must form a contiguous run).
@@ -151,9 +153,7 @@ class MidxIndex:
         unique = torch.unique(id_vector)
         if unique.numel() != id_vector.numel():
             duplicate = _first_duplicate(id_vector)
-            raise InvalidArgumentError(
-                f"ids contains {duplicate} more than once; each id may appear once per update"
-            )
+            raise InvalidArgumentError(f"ids contains {duplicate} more than once; each id may appear once per update")
         appended = unique[unique >= num_classes]
         if appended.numel() > 0 and int(appended.max()) != num_classes + appended.numel() - 1:
             raise InvalidArgumentError(
@@ -162,7 +162,7 @@ class MidxIndex:
             )
         new_weights = self._updated_weights(id_vector, weights, appended.numel())
         if self.config.metric == "cosine":
-            rows = _normalise_rows(rows)
+            rows = normalise_rows(rows)
 
         new_size = num_classes + appended.numel()
         table = self._grow(self.embeddings, new_size)
@@ -170,9 +170,16 @@ class MidxIndex:
         codes = self._grow(self.codes, new_size)
         codes[id_vector] = self.codebooks.encode(rows)
         row_error = self._grow(self._row_error, new_size)
-        row_error[id_vector] = _relative_residual_norms(rows, self.codebooks, codes[id_vector])
+        row_error[id_vector] = relative_residual_norms(rows, self.codebooks, codes[id_vector])
         return MidxIndex(
-            self.config, table, new_weights, self.codebooks, codes, row_error, self.fit_quantization_error
+            self.config,
+            table,
+            new_weights,
+            self.codebooks,
+            codes,
+            row_error,
+            self.fit_quantization_error,
+            codebook_fit=self.codebook_fit,
         )
 
     def refit(
@@ -195,7 +202,7 @@ class MidxIndex:
             init=self.codebooks,
         )
         codes = codebooks.encode(self.embeddings)
-        row_error = _relative_residual_norms(self.embeddings, codebooks, codes)
+        row_error = relative_residual_norms(self.embeddings, codebooks, codes)
         error = _mean_error(row_error, self.embeddings)
         logger.info(
             "codebooks refitted: %d classes, quantisation error %.4f -> %.4f, %.2f s",
@@ -206,9 +213,7 @@ class MidxIndex:
         )
         return MidxIndex(self.config, self.embeddings, self.weights, codebooks, codes, row_error, error)
 
-    def _updated_weights(
-        self, ids: torch.Tensor, weights: ArrayLike | None, num_appended: int
-    ) -> torch.Tensor | None:
+    def _updated_weights(self, ids: torch.Tensor, weights: ArrayLike | None, num_appended: int) -> torch.Tensor | None:
         if weights is None:
             if self.weights is not None and num_appended > 0:
                 raise InvalidArgumentError("this index has class weights, so appended rows need weights too")
@@ -254,6 +259,7 @@ class MidxIndex:
             "codebook_second": self.codebooks.second.cpu(),
             "codes": self.codes.cpu(),
             "fit_quantization_error": self.fit_quantization_error,
+            "codebook_fit": self.codebook_fit,
         }
 
     @classmethod
@@ -262,18 +268,23 @@ class MidxIndex:
         device = torch.device(device)
         config = IndexConfig.from_dict(state["config"])
         table = state["embeddings"].to(device=device, dtype=torch.float32)
-        weights = (
-            None if state["weights"] is None else state["weights"].to(device=device, dtype=torch.float64)
-        )
+        weights = None if state["weights"] is None else state["weights"].to(device=device, dtype=torch.float64)
         codebooks = Codebooks(
             config.quantizer,
             state["codebook_first"].to(device=device, dtype=torch.float32),
             state["codebook_second"].to(device=device, dtype=torch.float32),
         )
         codes = state["codes"].to(device=device, dtype=torch.int64)
-        row_error = _relative_residual_norms(table, codebooks, codes)
+        row_error = relative_residual_norms(table, codebooks, codes)
         return cls(
-            config, table, weights, codebooks, codes, row_error, float(state["fit_quantization_error"])
+            config,
+            table,
+            weights,
+            codebooks,
+            codes,
+            row_error,
+            float(state["fit_quantization_error"]),
+            codebook_fit=str(state.get("codebook_fit", "kmeans")),
         )
 
     # ------------------------------------------------------------------------------------ sampling
@@ -299,18 +310,12 @@ class MidxIndex:
         num_samples = check_num_samples(num_samples)
         positive_ids = None
         if positives is not None:
-            positive_ids = as_id_matrix(
-                positives, "positives", query_matrix.shape[0], self.num_classes, self.device
-            )
+            positive_ids = as_id_matrix(positives, "positives", query_matrix.shape[0], self.num_classes, self.device)
         elif exclude_positives:
-            raise InvalidArgumentError(
-                "exclude_positives needs positives: give one row of positive ids per query"
-            )
+            raise InvalidArgumentError("exclude_positives needs positives: give one row of positive ids per query")
         if self.config.metric == "cosine":
-            query_matrix = _normalise_rows(query_matrix)
-        generator = torch.Generator(device=self.device).manual_seed(
-            secrets.randbits(63) if seed is None else seed
-        )
+            query_matrix = normalise_rows(query_matrix)
+        generator = torch.Generator(device=self.device).manual_seed(secrets.randbits(63) if seed is None else seed)
         if query_matrix.shape[0] == 0:
             return _empty_result(num_samples, positive_ids, self.device)
         if proposal is self:
@@ -323,7 +328,7 @@ class MidxIndex:
         query_matrix = as_float_matrix(queries, "queries", self.config.dim, self.device)
         id_matrix = as_id_matrix(ids, "ids", query_matrix.shape[0], self.num_classes, self.device)
         if self.config.metric == "cosine":
-            query_matrix = _normalise_rows(query_matrix)
+            query_matrix = normalise_rows(query_matrix)
         if query_matrix.shape[0] == 0:
             return torch.empty(id_matrix.shape, dtype=torch.float32, device=self.device)
         if proposal is self:
@@ -348,9 +353,7 @@ class MidxIndex:
                 self._baselines[name] = ExactSampler(self.embeddings)
         return self._baselines[name]
 
-    def _log_row_mass(
-        self, s2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _log_row_mass(self, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return log T (B, K) with T[b, a] = sum_c w_ac exp(s2[b, c]) (masses scaled by mass_scale).
 
         Also returns the row shift m2 (B, 1), E2 = exp(s2 - m2) and the (B,) mask of queries whose
@@ -368,14 +371,17 @@ class MidxIndex:
             log_row_mass[rows] = torch.logsumexp(log_terms, dim=2)
         return log_row_mass, shift, exp_s2, underflow
 
-    def _log_q(
-        self, s1: torch.Tensor, s2: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor
-    ) -> torch.Tensor:
+    def _log_q(self, s1: torch.Tensor, s2: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+        """Return log Q of (B, P) ids given the log normaliser of the scaled cell masses."""
         codes = self.codes[ids]
-        log_q = s1.gather(1, codes[..., 0]) + s2.gather(1, codes[..., 1]) - log_z.unsqueeze(1)
+        # Cell masses are stored divided by mass_scale, so the true log Z is log_z + log(mass_scale).
+        log_q = (
+            s1.gather(1, codes[..., 0])
+            + s2.gather(1, codes[..., 1])
+            - (log_z + math.log(self.cells.mass_scale)).unsqueeze(1)
+        )
         if self._log_weight is not None:
-            # Masses are stored divided by mass_scale, so log Z above lacks log(mass_scale).
-            log_q = log_q + (self._log_weight[ids] - math.log(self.cells.mass_scale))
+            log_q = log_q + self._log_weight[ids]
         return log_q
 
     def _sample_midx(
@@ -386,6 +392,36 @@ class MidxIndex:
         exclude: bool,
         generator: torch.Generator,
     ) -> SampleResult:
+        """Sample in blocks of queries, so the (block, K, K) workspace stays within WORKSPACE_ELEMENTS."""
+        num_codewords = self.cells.num_codewords
+        block = max(1, WORKSPACE_ELEMENTS // (num_codewords * num_codewords))
+        results = []
+        for start in range(0, queries.shape[0], block):
+            rows = slice(start, start + block)
+            block_positives = None if positives is None else positives[rows]
+            results.append(
+                self._sample_midx_block(queries[rows], num_samples, block_positives, exclude, generator, start)
+            )
+        if len(results) == 1:
+            return results[0]
+        positive_log_q = None
+        if positives is not None:
+            positive_log_q = torch.cat([result.positive_log_q for result in results])  # type: ignore[misc]
+        return SampleResult(
+            ids=torch.cat([result.ids for result in results]),
+            log_q=torch.cat([result.log_q for result in results]),
+            positive_log_q=positive_log_q,
+        )
+
+    def _sample_midx_block(
+        self,
+        queries: torch.Tensor,
+        num_samples: int,
+        positives: torch.Tensor | None,
+        exclude: bool,
+        generator: torch.Generator,
+        first_query: int,
+    ) -> SampleResult:
         cells = self.cells
         num_codewords = cells.num_codewords
         batch = queries.shape[0]
@@ -395,7 +431,10 @@ class MidxIndex:
 
         # Per query, row a of `row_cumsum` is the running sum over c of w_ac exp(s2[c] - row_shift[a]).
         row_shift = shift.expand(batch, num_codewords).clone()
-        row_cumsum = cells.scaled_mass.unsqueeze(0) * exp_s2.unsqueeze(1)
+        row_cumsum = _workspace(batch * num_codewords * num_codewords, self.device).view(
+            batch, num_codewords, num_codewords
+        )
+        torch.mul(cells.scaled_mass.unsqueeze(0), exp_s2.unsqueeze(1), out=row_cumsum)
         if bool(underflow.any()):
             rows = underflow.nonzero().squeeze(1)
             safe_shift = torch.where(torch.isfinite(log_row_mass[rows]), log_row_mass[rows], 0.0)
@@ -413,40 +452,42 @@ class MidxIndex:
             log_z = torch.logsumexp(s1 + log_row_mass, dim=1)
             empty = torch.isneginf(log_z)
             if bool(empty.any()):
-                query = int(empty.nonzero()[0, 0])
+                query = first_query + int(empty.nonzero()[0, 0])
                 raise InvalidArgumentError(
                     f"query {query}: excluding its positives leaves no class that can be drawn; "
                     "sample without exclude_positives or name fewer positives"
                 )
 
         # First stage: the codeword a of the first codebook, with probability proportional to its row mass.
-        first_mass = torch.exp(s1 + log_row_mass - log_z.unsqueeze(1))
-        first_cumsum = torch.cumsum(first_mass, dim=1)
+        first_cumsum = torch.cumsum(torch.exp(s1 + log_row_mass - log_z.unsqueeze(1)), dim=1)
         first = draw_from_cumsum(first_cumsum, num_samples, generator)
 
-        # Second stage: the codeword c given a, from the running sums of row a.
-        flat_rows = row_cumsum.view(batch * num_codewords, num_codewords)
+        # Second stage: the codeword c given a, by inverse CDF on the running sums of row a.
         row_index = (torch.arange(batch, device=self.device).unsqueeze(1) * num_codewords + first).view(-1)
-        row_total = flat_rows[row_index, -1]
-        target = uniform_below(row_total, generator)
-        lengths = torch.full_like(row_index, num_codewords)
-        second = search_segments(row_cumsum.view(-1), row_index * num_codewords, lengths, target)
-        second = second.clamp(max=num_codewords - 1).view(batch, num_samples)
+        rows_drawn = row_cumsum.view(batch * num_codewords, num_codewords).index_select(0, row_index)
+        target = uniform_below(rows_drawn[:, -1].contiguous(), generator).unsqueeze(1)
+        second = torch.searchsorted(rows_drawn, target, right=True).squeeze(1).clamp_(max=num_codewords - 1)
+        second = second.view(batch, num_samples)
 
         # Last stage: a class inside cell (a, c), uniformly or by weight, skipping excluded positives.
         cell = (first * num_codewords + second).view(-1)
         exclusions = None if excluded is None else _cell_exclusions(excluded, cell, num_samples)
         positions = draw_in_segments(
             generator,
-            cells.start[cell],
-            cells.count[cell],
+            cells.start.index_select(0, cell),
+            cells.count.index_select(0, cell),
             prefix=cells.prefix,
-            mass=None if cells.prefix is None else cells.mass[cell],
-            last_positive=None if cells.last_positive is None else cells.last_positive[cell],
+            mass=None if cells.prefix is None else cells.mass.index_select(0, cell),
+            last_positive=None if cells.last_positive is None else cells.last_positive.index_select(0, cell),
             exclusions=exclusions,
         )
-        ids = cells.order[positions].view(batch, num_samples)
-        log_q = self._log_q(s1, s2, ids, log_z)
+        ids = cells.order.index_select(0, positions).view(batch, num_samples)
+
+        # log Q = s1[a] + s2[c] + log w_i - log Z, with the codes (a, c) known from the draw.
+        log_q = s1.gather(1, first) + s2.gather(1, second)
+        log_q -= (log_z + math.log(cells.mass_scale)).unsqueeze(1)
+        if self._log_weight is not None:
+            log_q += self._log_weight.index_select(0, ids.view(-1)).view(batch, num_samples)
         positive_log_q = None if positives is None else self._log_q(s1, s2, positives, log_z_full)
         return SampleResult(ids=ids, log_q=log_q, positive_log_q=positive_log_q)
 
@@ -485,13 +526,9 @@ class MidxIndex:
         # same_row[b, p, q]: positive q lies in the same first-codebook row as positive p.
         same_row = (first.unsqueeze(2) == first.unsqueeze(1)) & distinct.unsqueeze(1)
         column = second.unsqueeze(1).expand(batch, num_positives, num_positives)
-        removed_mass = torch.zeros(
-            batch, num_positives, num_codewords, dtype=torch.float64, device=self.device
-        )
+        removed_mass = torch.zeros(batch, num_positives, num_codewords, dtype=torch.float64, device=self.device)
         removed_mass.scatter_add_(2, column, weight.unsqueeze(1) * same_row)
-        removed_count = torch.zeros(
-            batch, num_positives, num_codewords, dtype=torch.int64, device=self.device
-        )
+        removed_count = torch.zeros(batch, num_positives, num_codewords, dtype=torch.int64, device=self.device)
         removed_count.scatter_add_(2, column, (drawable.unsqueeze(1) & same_row).to(torch.int64))
 
         mass = cells.mass.view(num_codewords, num_codewords)[first] / cells.mass_scale
@@ -515,9 +552,7 @@ class MidxIndex:
 class _ExcludedPositives:
     """Per query, the distinct positives sorted by cell position, as `_exclude_from_rows` found them."""
 
-    def __init__(
-        self, position: torch.Tensor, cell: torch.Tensor, weight: torch.Tensor, active: torch.Tensor
-    ) -> None:
+    def __init__(self, position: torch.Tensor, cell: torch.Tensor, weight: torch.Tensor, active: torch.Tensor) -> None:
         self.position = position
         self.cell = cell
         self.weight = weight
@@ -540,13 +575,27 @@ def _cell_exclusions(excluded: _ExcludedPositives, cell: torch.Tensor, num_sampl
     )
 
 
+_thread_state = threading.local()
+
+
+def _workspace(num_elements: int, device: torch.device) -> torch.Tensor:
+    """Return a float32 buffer of at least num_elements, reused by later calls on this thread.
+
+    Reusing it saves the page faults of a fresh multi-megabyte allocation on every call; each thread
+    has its own, so concurrent samplers never share one.
+    """
+    buffer = getattr(_thread_state, "buffer", None)
+    if buffer is None or buffer.device != device or buffer.numel() < num_elements:
+        buffer = torch.empty(num_elements, dtype=torch.float32, device=device)
+        _thread_state.buffer = buffer
+    return buffer[:num_elements]
+
+
 def _empty_result(num_samples: int, positives: torch.Tensor | None, device: torch.device) -> SampleResult:
     return SampleResult(
         ids=torch.empty(0, num_samples, dtype=torch.int64, device=device),
         log_q=torch.empty(0, num_samples, dtype=torch.float32, device=device),
-        positive_log_q=None
-        if positives is None
-        else torch.empty(positives.shape, dtype=torch.float32, device=device),
+        positive_log_q=None if positives is None else torch.empty(positives.shape, dtype=torch.float32, device=device),
     )
 
 
@@ -563,12 +612,12 @@ def _check_weights(
     return vector
 
 
-def _normalise_rows(rows: torch.Tensor) -> torch.Tensor:
+def normalise_rows(rows: torch.Tensor) -> torch.Tensor:
     norms = rows.norm(dim=1, keepdim=True)
     return rows / torch.where(norms > 0, norms, 1.0)
 
 
-def _relative_residual_norms(rows: torch.Tensor, codebooks: Codebooks, codes: torch.Tensor) -> torch.Tensor:
+def relative_residual_norms(rows: torch.Tensor, codebooks: Codebooks, codes: torch.Tensor) -> torch.Tensor:
     """Return ||row - reconstruction|| / ||row|| per row (0 for rows of zero norm)."""
     norms = rows.norm(dim=1)
     residual = (rows - codebooks.reconstruct(codes)).norm(dim=1)

@@ -9,9 +9,7 @@ import torch
 ASSIGN_CHUNK_ROWS = 65536
 
 
-def assign(
-    points: torch.Tensor, centroids: torch.Tensor, chunk_rows: int = ASSIGN_CHUNK_ROWS
-) -> torch.Tensor:
+def assign(points: torch.Tensor, centroids: torch.Tensor, chunk_rows: int = ASSIGN_CHUNK_ROWS) -> torch.Tensor:
     """Return the (n,) int64 index of the nearest centroid (squared L2) for each of the (n, d) points."""
     n = points.shape[0]
     codes = torch.empty(n, dtype=torch.int64, device=points.device)

@@ -35,9 +35,7 @@ def as_float_matrix(value: ArrayLike, name: str, dim: int, device: torch.device)
     return tensor
 
 
-def as_id_matrix(
-    value: ArrayLike, name: str, num_rows: int, num_classes: int, device: torch.device
-) -> torch.Tensor:
+def as_id_matrix(value: ArrayLike, name: str, num_rows: int, num_classes: int, device: torch.device) -> torch.Tensor:
     """Return `value` as a (num_rows, P) int64 tensor of class ids in [0, num_classes)."""
     tensor = _as_tensor(value, name)
     if tensor.ndim == 1 and num_rows == tensor.shape[0]:
@@ -105,7 +103,5 @@ def _check_ids(tensor: torch.Tensor, name: str, num_classes: int) -> torch.Tenso
         low, high = int(tensor.min()), int(tensor.max())
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
-            raise InvalidArgumentError(
-                f"{name} contains id {bad}; ids must be in [0, {num_classes}) for this index"
-            )
+            raise InvalidArgumentError(f"{name} contains id {bad}; ids must be in [0, {num_classes}) for this index")
     return tensor

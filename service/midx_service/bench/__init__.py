@@ -1,0 +1,1 @@
+"""Benchmarks of the index core against reference samplers."""

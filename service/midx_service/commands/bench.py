@@ -1,0 +1,54 @@
+"""Benchmark the index core on the GloVe 6B 50d table (throughput, scaling, build, updates, KL)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from midx_service.bench.report import render_markdown, replace_section
+from midx_service.bench.runner import BenchPlan, run_benchmark
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced run (K in 32, 64; fewer repeats), under 2 minutes"
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+    parser.add_argument("--device", default="cpu", help="torch device to run the index on (cpu, cuda)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the results into the benchmark section of this Markdown file (e.g. docs/benchmarks.md)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from midx_service.data.corpus import context_queries
+    from midx_service.data.glove import load_glove
+
+    plan = BenchPlan.quick() if args.quick else BenchPlan.full()
+    started = time.perf_counter()
+    logger.info("loading the GloVe table and context queries")
+    table, _ = load_glove()
+    queries = context_queries(max(1024, plan.kl_queries), seed=0)
+    result = run_benchmark(table, queries, plan, device=args.device)
+    command = "midx-sampler bench" + (" --quick" if args.quick else "")
+    logger.info("benchmark finished in %.0f s", time.perf_counter() - started)
+
+    if args.markdown is not None:
+        replace_section(args.markdown, render_markdown(result, command))
+        logger.info("wrote the benchmark section of %s", args.markdown)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_markdown(result, command))
+    return 0
