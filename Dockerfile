@@ -60,10 +60,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     MIDX_GRPC_PORT=50051 \
     MIDX_DEVICE=auto
 USER 10001:10001
-# State stays in memory unless MIDX_REDIS_URL or MIDX_DATA_DIR is set; /var/lib/midx is the place
-# for MIDX_DATA_DIR's snapshots.
+# State stays in memory unless MIDX_REDIS_URL or MIDX_DATA_DIR is set. For local snapshots without
+# Redis, mount a volume at /var/lib/midx and set MIDX_DATA_DIR=/var/lib/midx.
 WORKDIR /var/lib/midx
-VOLUME ["/var/lib/midx"]
 EXPOSE 8000 50051
 # The slim image has no curl, so the check uses the venv's Python. It probes loopback because the
 # server listens on every interface (MIDX_HOST=0.0.0.0) inside the container.

@@ -6,6 +6,7 @@ line), so a renamed setting or a moved route fails here instead of in a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
 import re
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -40,13 +42,13 @@ SETTING_VARIABLES = {f"MIDX_{name.upper()}" for name in Settings.model_fields}
 HTTP_PORT = Settings.model_fields["http_port"].default
 GRPC_PORT = Settings.model_fields["grpc_port"].default
 # The settings a deployment must state explicitly rather than inherit from the server's defaults.
+# MIDX_DATA_DIR is not among them, because with Redis configured the state is kept in Redis.
 REQUIRED_VARIABLES = {
     "MIDX_HOST",
     "MIDX_HTTP_PORT",
     "MIDX_GRPC_PORT",
     "MIDX_DEVICE",
     "MIDX_REDIS_URL",
-    "MIDX_DATA_DIR",
     "MIDX_API_TOKEN",
 }
 
@@ -57,6 +59,22 @@ def rest_routes() -> frozenset[str]:
     settings = load_settings(host="127.0.0.1", http_port=0, grpc_port=0, device="cpu", compute_threads=1)
     app = create_app(SamplerServer(settings).service)
     return frozenset(app.openapi()["paths"])
+
+
+@functools.cache
+def metrics_requires_token() -> bool:
+    """Return whether GET /metrics returns 401 without the token when the server has one."""
+    settings = load_settings(
+        host="127.0.0.1", http_port=0, grpc_port=0, device="cpu", compute_threads=1, api_token="secret"
+    )
+    app = create_app(SamplerServer(settings).service)
+
+    async def get_metrics() -> int:
+        # In-process ASGI call: nothing listens on a port.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server") as client:
+            return (await client.get("/metrics")).status_code
+
+    return asyncio.run(get_metrics()) == 401
 
 
 def load_all(path: Path) -> list[dict[str, Any]]:
@@ -103,9 +121,7 @@ def test_base_manifests_match_kubernetes_schema():
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl is not installed; it renders the overlay"
-)
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed; it renders the overlay")
 def test_gpu_overlay_renders_and_requests_gpu():
     rendered = subprocess.run(
         ["kubectl", "kustomize", str(GPU_OVERLAY)], check=True, capture_output=True, text=True
@@ -188,9 +204,7 @@ def test_deployment_runs_serve_as_non_root():
 
 
 def test_deployment_scrape_annotations_point_at_metrics():
-    annotations = find(base_resources(), "Deployment", "midx-sampler")["spec"]["template"]["metadata"][
-        "annotations"
-    ]
+    annotations = find(base_resources(), "Deployment", "midx-sampler")["spec"]["template"]["metadata"]["annotations"]
 
     assert annotations["prometheus.io/port"] == str(HTTP_PORT)
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -228,9 +242,7 @@ def test_redis_keeps_append_only_file_on_volume():
     config = find(resources, "ConfigMap", "redis")["data"]["redis.conf"]
     statefulset = find(resources, "StatefulSet", "redis")
     redis = container(resources, "StatefulSet", "redis")
-    directives = dict(
-        line.split(maxsplit=1) for line in config.splitlines() if line and not line.startswith("#")
-    )
+    directives = dict(line.split(maxsplit=1) for line in config.splitlines() if line and not line.startswith("#"))
 
     assert directives["appendonly"] == "yes"
     assert directives["appendfsync"] == "everysec"
@@ -256,13 +268,12 @@ def test_redis_url_points_at_redis_service():
 def test_kubernetes_scrape_config_keeps_http_port():
     config = yaml.safe_load((PROMETHEUS / "kubernetes.yml").read_text())
     (job,) = config["scrape_configs"]
-    keep = {
-        rule["source_labels"][0]: rule["regex"]
-        for rule in job["relabel_configs"]
-        if rule.get("action") == "keep"
-    }
+    keep = {rule["source_labels"][0]: rule["regex"] for rule in job["relabel_configs"] if rule.get("action") == "keep"}
 
     assert job["metrics_path"] == "/metrics"
+    if metrics_requires_token():
+        assert job["authorization"]["type"] == "Bearer"
+        assert job["authorization"]["credentials_file"]
     assert keep["__meta_kubernetes_pod_container_port_name"] == "http"
     assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "midx-sampler"
 
@@ -273,6 +284,11 @@ def test_compose_scrape_config_targets_http_port():
 
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == [f"midx-sampler:{HTTP_PORT}"]
+    if metrics_requires_token():
+        secret = compose()["secrets"]["midx_api_token"]
+        assert secret == {"environment": "MIDX_API_TOKEN"}
+        assert "midx_api_token" in compose()["services"]["prometheus"]["secrets"]
+        assert job["authorization"]["credentials_file"] == "/run/secrets/midx_api_token"
 
 
 # docker-compose.yml
@@ -321,7 +337,8 @@ def test_compose_loadtest_profile_targets_service():
     services = compose()["services"]
     master, worker = services["locust-master"], services["locust-worker"]
 
-    assert master["profiles"] == ["loadtest"] and worker["profiles"] == ["loadtest"]
+    assert master["profiles"] == ["loadtest"]
+    assert worker["profiles"] == ["loadtest"]
     assert master["command"][master["command"].index("--host") + 1] == f"http://midx-sampler:{HTTP_PORT}"
     for locust in (master, worker):
         assert locust["environment"]["MIDX_GRPC_ADDRESS"] == f"midx-sampler:{GRPC_PORT}"
@@ -362,9 +379,7 @@ def dockerfile() -> list[tuple[str, str]]:
 def runtime_stage() -> list[tuple[str, str]]:
     instructions = dockerfile()
     start = next(
-        i
-        for i, (keyword, arguments) in enumerate(instructions)
-        if keyword == "FROM" and "AS runtime" in arguments
+        i for i, (keyword, arguments) in enumerate(instructions) if keyword == "FROM" and "AS runtime" in arguments
     )
     end = next(
         (i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM" and i > start),
@@ -410,9 +425,7 @@ def test_dockerfile_sets_only_real_settings():
 
 def test_dockerfile_installs_like_makefile():
     extras = set(importlib.metadata.metadata("midx-sampler").get_all("Provides-Extra") or [])
-    installs = [
-        arguments for keyword, arguments in dockerfile() if keyword == "RUN" and "pip install" in arguments
-    ]
+    installs = [arguments for keyword, arguments in dockerfile() if keyword == "RUN" and "pip install" in arguments]
     makefile = (ROOT / "Makefile").read_text()
 
     assert "pip install --quiet -c constraints.txt" in makefile
@@ -431,9 +444,7 @@ def test_dockerfile_installs_like_makefile():
 
 def test_dockerfile_copies_only_what_dockerignore_lets_in():
     allowed = {
-        line[1:].rstrip("/")
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
-        if line.startswith("!")
+        line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
     }
     sources = [
         arguments.split()[0]
