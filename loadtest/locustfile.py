@@ -6,8 +6,8 @@
 The REST user sends JSON to --host; the gRPC user calls MIDX_GRPC_ADDRESS (default 127.0.0.1:50051)
 through the project's `SamplerClient`. Both do what a trainer does, in the same proportions: mostly
 sample calls (B = 256 queries, M = 100 negatives, with positives), some row updates (1,000 rows),
-a few log-prob calls. Every answer is checked (shapes, id range, finite log Q, versions that never
-go backwards) and a bad answer counts as a failure. On test start the index is created and the
+a few log-prob calls. Every response is checked (shapes, id range, finite log Q, versions that never
+go backwards), and a response that fails a check counts as a failed request. On test start the index is created and the
 table uploaded when the server lacks them. workload.py lists the settings (MIDX_LOADTEST_*); set
 MIDX_LOADTEST_TABLE=random to use a random table of the GloVe table's shape.
 
@@ -80,9 +80,7 @@ def create_index_when_missing(environment: Environment, **_kwargs: Any) -> None:
         return
     settings, table = workload()
     if not environment.host:
-        _abort(
-            environment, "no --host given; pass the REST front end's URL, e.g. --host http://127.0.0.1:8000"
-        )
+        _abort(environment, "no --host given; pass the REST front end's URL, e.g. --host http://127.0.0.1:8000")
         return
     try:
         with RestSamplerClient(
@@ -111,9 +109,7 @@ class RestTrainer(HttpUser):
 
     def on_start(self) -> None:
         self.settings, table = workload()
-        self.requests = RequestFactory(
-            self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers)
-        )
+        self.requests = RequestFactory(self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers))
         self.versions = VersionTracker()
         self.num_classes = table.shape[0]
         self.route = f"/v1/indexes/{self.settings.index_name}"
@@ -121,9 +117,7 @@ class RestTrainer(HttpUser):
         if self.settings.api_token:
             self.headers["Authorization"] = f"Bearer {self.settings.api_token}"
 
-    def _post(
-        self, method: str, suffix: str, body: dict[str, Any], check: Callable[[dict[str, Any]], None]
-    ) -> None:
+    def _post(self, method: str, suffix: str, body: dict[str, Any], check: Callable[[dict[str, Any]], None]) -> None:
         name = f"/v1/indexes/[name]{suffix}"
         with self.client.request(
             method,
@@ -150,17 +144,17 @@ class RestTrainer(HttpUser):
             "positives": positives.tolist(),
         }
 
-        def check(answer: dict[str, Any]) -> None:
+        def check(response: dict[str, Any]) -> None:
             check_sample(
-                answer["ids"],
-                answer["log_q"],
-                answer.get("positive_log_q"),
+                response["ids"],
+                response["log_q"],
+                response.get("positive_log_q"),
                 batch_size=self.settings.batch_size,
                 num_samples=self.settings.num_samples,
                 num_positives=1,
                 num_classes=self.num_classes,
             )
-            self.versions.observe(answer["version"], "sample")
+            self.versions.observe(response["version"], "sample")
 
         self._post("POST", "/sample", body, check)
 
@@ -168,20 +162,16 @@ class RestTrainer(HttpUser):
     def update_rows(self) -> None:
         ids, embeddings = self.requests.row_update()
         body = {"ids": ids.tolist(), "embeddings": embeddings.tolist()}
-        self._post(
-            "PATCH", "/embeddings", body, lambda answer: self.versions.observe(answer["version"], "update")
-        )
+        self._post("PATCH", "/embeddings", body, lambda response: self.versions.observe(response["version"], "update"))
 
     @task(LOG_PROB_WEIGHT)
     def log_prob(self) -> None:
         queries, ids = self.requests.log_prob_batch()
         body = {"queries": queries.tolist(), "ids": ids.tolist()}
 
-        def check(answer: dict[str, Any]) -> None:
-            check_log_prob(
-                answer["log_q"], batch_size=self.settings.batch_size, num_ids=self.settings.log_prob_ids
-            )
-            self.versions.observe(answer["version"], "log-prob")
+        def check(response: dict[str, Any]) -> None:
+            check_log_prob(response["log_q"], batch_size=self.settings.batch_size, num_ids=self.settings.log_prob_ids)
+            self.versions.observe(response["version"], "log-prob")
 
         self._post("POST", "/log-prob", body, check)
 
@@ -199,9 +189,7 @@ class GrpcTrainer(User):
 
     def on_start(self) -> None:
         self.settings, table = workload()
-        self.requests = RequestFactory(
-            self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers)
-        )
+        self.requests = RequestFactory(self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers))
         self.versions = VersionTracker()
         self.num_classes = table.shape[0]
         self.sampler = SamplerClient(
@@ -281,9 +269,7 @@ class GrpcTrainer(User):
         queries, ids = self.requests.log_prob_batch()
 
         def check(result: Any) -> int:
-            check_log_prob(
-                result.log_q, batch_size=self.settings.batch_size, num_ids=self.settings.log_prob_ids
-            )
+            check_log_prob(result.log_q, batch_size=self.settings.batch_size, num_ids=self.settings.log_prob_ids)
             self.versions.observe(result.version, "LogProb")
             return int(result.log_q.nbytes)
 

@@ -2,10 +2,11 @@
 
     python loadtest/run.py --run-time-seconds 60 --users 4 --out out/loadtest
 
-Starts `midx-sampler serve` on 127.0.0.1 (free ports, a fresh data directory, a random API token),
-uploads the table, probes GET /healthz every 100 ms while locust runs loadtest/locustfile.py for a
-bounded time, then stops the server and writes OUT/summary.json, OUT/summary.md, locust's CSV files
-(OUT/locust_*.csv), its HTML report (OUT/report.html) and the logs (OUT/server.log, OUT/locust.log).
+Starts `midx-sampler serve` on 127.0.0.1, on ports the OS picks, with a random API token and state in
+memory, and uploads the table. While locust runs loadtest/locustfile.py for a bounded time, a thread
+probes GET /healthz every 100 ms. Then the server stops and the runner writes OUT/summary.json,
+OUT/summary.md, locust's CSV files (OUT/locust_*.csv), its HTML report (OUT/report.html) and the logs
+(OUT/server.log, OUT/locust.log).
 Exits 1 when any request failed or broke a response check, when locust reported an error, when a
 health probe failed, or when the probe's p99 latency exceeded --health-p99-ms; exits 0 otherwise.
 """
@@ -57,21 +58,27 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["RestTrainer", "GrpcTrainer"],
         help="which locust users to run",
     )
+
     parser.add_argument("--table", choices=TABLES, default="glove", help="class table to upload")
     parser.add_argument("--rows", type=int, default=400_000, help="rows of the random table")
     parser.add_argument("--dim", type=int, default=50, help="columns of the random table")
     parser.add_argument("--batch-size", type=int, default=256, help="queries per sample call (B)")
     parser.add_argument("--num-samples", type=int, default=100, help="negatives per query (M)")
     parser.add_argument("--update-rows", type=int, default=1000, help="rows replaced by one update call")
+
     parser.add_argument("--device", default="cpu", help="the server's --device (auto, cpu, cuda)")
     parser.add_argument("--redis-url", default=None, help="the server's --redis-url; in memory without it")
     parser.add_argument("--data-dir", type=Path, default=None, help="the server's --data-dir for snapshots")
+
     parser.add_argument("--health-p99-ms", type=float, default=500.0, help="fail above this /healthz p99")
     parser.add_argument("--health-interval-ms", type=float, default=100.0, help="time between health probes")
-    parser.add_argument("--server-start-timeout-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--server-start-timeout-seconds", type=float, default=120.0, help="limit for the server's start-up"
+    )
     parser.add_argument("--setup-timeout-seconds", type=float, default=600.0, help="limit for the upload")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="logging level of this runner")
     args = parser.parse_args(argv)
+
     if args.run_time_seconds < 1:
         parser.error(f"--run-time-seconds is {args.run_time_seconds}; it must be at least 1")
     if args.users < 1:
@@ -79,8 +86,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# The line `midx-sampler serve` logs once both front ends listen; with port 0 it is the only place
-# that says which ports the OS picked.
+# The line `midx-sampler serve` logs once both front ends listen. With port 0 it is the only record
+# of the ports the OS picked.
 SERVING_LINE = re.compile(rb"serving on \S+: REST port (\d+), gRPC port (\d+)")
 
 
@@ -120,7 +127,7 @@ class ServerProcess:
         return int(self.ps.memory_info().rss)
 
     def wait_until_healthy(self, timeout_seconds: float) -> None:
-        """Wait for the log line with the ports, then for GET /healthz to answer 200."""
+        """Wait for the log line with the ports, then for GET /healthz to return 200."""
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -227,7 +234,7 @@ class HealthProbe(threading.Thread):
 
 @dataclass
 class CallStats:
-    """One row of locust's stats: one call over one transport."""
+    """One row of locust's stats: one call over one transport (REST calls named "METHOD path")."""
 
     transport: str
     call: str
@@ -267,7 +274,7 @@ class Summary:
         )
 
 
-SAMPLE_CALLS = ("Sample", "/v1/indexes/[name]/sample")
+SAMPLE_CALLS = ("Sample", "POST /v1/indexes/[name]/sample")
 
 
 def read_locust_stats(path: Path) -> list[CallStats]:
@@ -277,10 +284,11 @@ def read_locust_stats(path: Path) -> list[CallStats]:
         for row in csv.DictReader(file):
             if row["Name"] == "Aggregated":
                 continue
+            is_grpc = row["Type"] == "grpc"
             calls.append(
                 CallStats(
-                    transport="gRPC" if row["Type"] == "grpc" else "REST",
-                    call=row["Name"],
+                    transport="gRPC" if is_grpc else "REST",
+                    call=row["Name"] if is_grpc else f"{row['Type']} {row['Name']}",
                     requests=int(row["Request Count"]),
                     failures=int(row["Failure Count"]),
                     requests_per_second=round(float(row["Requests/s"]), 2),
@@ -326,8 +334,7 @@ def judge(summary: Summary, health_p99_limit_ms: float) -> list[str]:
         )
     if summary.health.p99_ms > health_p99_limit_ms:
         problems.append(
-            f"GET /healthz p99 latency was {summary.health.p99_ms:.1f} ms, "
-            f"above the {health_p99_limit_ms:.0f} ms limit"
+            f"GET /healthz p99 latency was {summary.health.p99_ms:.1f} ms, above the {health_p99_limit_ms:.0f} ms limit"
         )
     return problems
 
@@ -445,9 +452,7 @@ def measure(
 
     probe = HealthProbe(server, args.health_interval_ms)
     probe.start()
-    logger.info(
-        "running locust for %d s with %d users %s", args.run_time_seconds, args.users, args.user_classes
-    )
+    logger.info("running locust for %d s with %d users %s", args.run_time_seconds, args.users, args.user_classes)
     try:
         locust_exit_code = run_locust(args, server, settings, out)
     finally:
@@ -482,9 +487,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info("server stopped with exit code %d", server_exit_code)
 
     summary = Summary(
-        settings={
-            key: value for key, value in asdict(settings).items() if key not in ("api_token", "grpc_address")
-        },
+        settings={key: value for key, value in asdict(settings).items() if key not in ("api_token", "grpc_address")},
         run_time_seconds=args.run_time_seconds,
         users=args.users,
         calls=read_locust_stats(out / "locust_stats.csv"),
@@ -512,9 +515,7 @@ def write_reports(summary: Summary, out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except (RuntimeError, ValueError, OSError, SamplerError) as error:

@@ -40,7 +40,7 @@ class ResponseCheckError(Exception):
 
 @dataclass(frozen=True)
 class WorkloadSettings:
-    """What the load test sends and where; read from MIDX_* environment variables by `from_environ`.
+    """Settings of the load test's requests and their target, read from MIDX_* variables by `from_environ`.
 
     table: "glove" (the GloVe 6B 50d table, 400,000 x 50) or "random" (a seeded standard-normal table
     of `rows` x `dim`, for machines without the data extra). batch_size (B) and num_samples (M) shape
@@ -191,9 +191,7 @@ class RequestFactory:
 
     def row_update(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (ids (U,) int64, embeddings (U, D) float32): distinct rows moved by one training step."""
-        ids = self.rng.choice(self.table.shape[0], size=self.settings.update_rows, replace=False).astype(
-            np.int64
-        )
+        ids = self.rng.choice(self.table.shape[0], size=self.settings.update_rows, replace=False).astype(np.int64)
         noise = self.rng.standard_normal((ids.size, self.table.shape[1]), dtype=np.float32)
         return ids, self.table[ids] + noise * np.float32(_UPDATE_NOISE_SCALE)
 
@@ -201,8 +199,8 @@ class RequestFactory:
 class VersionTracker:
     """Checks that the versions one client sees never go backwards.
 
-    A client's row update returns version v; every later answer to that client must come from v or a
-    newer version, because the server swaps the new snapshot in before it acknowledges the update.
+    A client's row update returns version v. Every later response to that client must come from v or
+    a newer version, because the server swaps the new snapshot in before it acknowledges the update.
     """
 
     def __init__(self) -> None:
@@ -228,10 +226,10 @@ def check_sample(
     num_positives: int,
     num_classes: int,
 ) -> None:
-    """Raise ResponseCheckError unless a sample answer has the expected shapes, ids and finite log Q.
+    """Raise ResponseCheckError unless a sample response has the expected shapes, ids and finite log Q.
 
     Every class of a uniform-last-stage index has a positive proposal probability, so every log Q
-    in the answer must be finite. JSON `null` (the wire form of -inf) reaches this check as NaN.
+    in the response must be finite. JSON `null` (the wire form of -inf) reaches this check as NaN.
     """
     ids = _as_array(ids, np.int64, "ids")
     _check_shape(ids, (batch_size, num_samples), "ids")
@@ -246,7 +244,7 @@ def check_sample(
 
 
 def check_log_prob(log_q: Any, *, batch_size: int, num_ids: int) -> None:
-    """Raise ResponseCheckError unless a log-prob answer is (B, P) finite log Q values."""
+    """Raise ResponseCheckError unless a log-prob response is (B, P) finite log Q values."""
     _check_log_q(log_q, (batch_size, num_ids), "log_q")
 
 
@@ -272,19 +270,15 @@ def _check_log_q(value: Any, expected: tuple[int, ...], field: str) -> None:
             "every class of this index can be drawn, so every log Q must be finite"
         )
     if log_q.size and log_q.max() > _LOG_Q_TOLERANCE:
-        raise ResponseCheckError(
-            f"{field} has a maximum of {log_q.max():.6g}; a log probability is at most 0"
-        )
+        raise ResponseCheckError(f"{field} has a maximum of {log_q.max():.6g}; a log probability is at most 0")
 
 
-def ensure_index(
-    client: Any, settings: WorkloadSettings, table: np.ndarray, *, ready_timeout_seconds: float
-) -> int:
+def ensure_index(client: Any, settings: WorkloadSettings, table: np.ndarray, *, ready_timeout_seconds: float) -> int:
     """Create and upload the load test's index unless the server has it already; return its version.
 
-    client: a `midx_client` client (either transport). An existing index must hold a table of the
-    same shape, otherwise the run would check answers against the wrong table: this raises
-    RuntimeError naming the index to delete or the setting to change.
+    client: a `midx_client` client (either transport). An existing index must contain a table of the
+    same shape, because the checks compare responses with the load test's table. Otherwise this
+    raises RuntimeError naming the index to delete or the setting to change.
     """
     from midx_client import SamplerError
 

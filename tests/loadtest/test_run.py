@@ -26,8 +26,7 @@ STATS_HEADER = (
 
 def stats_row(kind: str, name: str, requests: int, failures: int, rps: float, p50: str, p99: str) -> str:
     return (
-        f"{kind},{name},{requests},{failures},{p50},12.5,3.1,88.0,2048,{rps},0.0,"
-        f"{p50},20,22,24,30,40,50,{p99},90,90,90"
+        f"{kind},{name},{requests},{failures},{p50},12.5,3.1,88.0,2048,{rps},0.0,{p50},20,22,24,30,40,50,{p99},90,90,90"
     )
 
 
@@ -37,7 +36,7 @@ def make_summary(**changes) -> Summary:
         run_time_seconds=30,
         users=4,
         calls=[
-            CallStats("REST", "/v1/indexes/[name]/sample", 100, 0, 3.5, 10, 40, 60, 80),
+            CallStats("REST", "POST /v1/indexes/[name]/sample", 100, 0, 3.5, 10, 40, 60, 80),
             CallStats("gRPC", "Sample", 200, 0, 6.5, 5, 20, 30, 50),
             CallStats("gRPC", "UpdateEmbeddings", 50, 0, 1.0, 5, 20, 30, 50),
         ],
@@ -67,7 +66,7 @@ def test_read_locust_stats_skips_aggregated_row(tmp_path):
     calls = read_locust_stats(path)
 
     assert [(call.transport, call.call) for call in calls] == [
-        ("REST", "/v1/indexes/[name]/sample"),
+        ("REST", "POST /v1/indexes/[name]/sample"),
         ("gRPC", "Sample"),
         ("gRPC", "LogProb"),
     ]

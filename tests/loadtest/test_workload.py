@@ -155,8 +155,10 @@ def test_request_factory_shapes_and_ranges():
     requests = RequestFactory(settings, table, seed=1)
 
     queries, positives = requests.sample_batch()
-    assert queries.shape == (8, 5) and queries.dtype == np.float32
-    assert positives.shape == (8, 1) and positives.dtype == np.int64
+    assert queries.shape == (8, 5)
+    assert queries.dtype == np.float32
+    assert positives.shape == (8, 1)
+    assert positives.dtype == np.int64
     # Each query lies near the row of its positive, much nearer than to a random row.
     distance = np.linalg.norm(queries - table[positives[:, 0]], axis=1)
     assert distance.max() < 0.5 * np.linalg.norm(table, axis=1).mean()
@@ -164,10 +166,12 @@ def test_request_factory_shapes_and_ranges():
     queries, ids = requests.log_prob_batch()
     assert queries.shape == (8, 5)
     assert ids.shape == (8, 4)
-    assert ids.min() >= 0 and ids.max() < 300
+    assert ids.min() >= 0
+    assert ids.max() < 300
 
     ids, embeddings = requests.row_update()
-    assert ids.shape == (20,) and embeddings.shape == (20, 5)
+    assert ids.shape == (20,)
+    assert embeddings.shape == (20, 5)
     assert np.unique(ids).size == 20
     np.testing.assert_allclose(embeddings, table[ids], atol=0.1)
 
