@@ -40,3 +40,6 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV)
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py

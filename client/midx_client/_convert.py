@@ -72,7 +72,8 @@ def tensor_to_proto(array: np.ndarray) -> _pb.Tensor:
 
 def tensor_from_proto(tensor: _pb.Tensor) -> np.ndarray:
     dtype = WIRE_DTYPES[tensor.dtype]
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+    # A copy, because an array over the message's bytes is read-only and callers may write to results.
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).copy()
 
 
 def info_from_proto(info: _pb.IndexInfo) -> IndexInfo:

@@ -194,11 +194,3 @@ def update_body(ids: Any, embeddings: Any, weights: Any | None) -> dict[str, Any
     if weights is not None:
         body["weights"] = to_numpy(weights, "float64").tolist()
     return body
-
-
-def shape_of(value: Any) -> tuple[int, ...]:
-    """Return the shape of an array-like without converting it twice for big inputs."""
-    shape = getattr(value, "shape", None)
-    if shape is not None:
-        return tuple(int(size) for size in shape)
-    return np.shape(value)

@@ -13,7 +13,7 @@ class SamplerError(Exception):
     "already_exists", "failed_precondition", "resource_exhausted", "unavailable", "unauthenticated",
     "deadline_exceeded", "internal", ...). message: the server's message (what was expected, what
     came, how to fix it). status: the transport's own status, the HTTP status code (int) for REST or
-    the gRPC status code name (str, e.g. "INVALID_ARGUMENT") for gRPC; None when no answer came.
+    the gRPC status code name (str, e.g. "INVALID_ARGUMENT") for gRPC; None when no response came.
     """
 
     def __init__(self, code: str, message: str, status: int | str | None = None) -> None:

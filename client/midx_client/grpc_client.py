@@ -228,7 +228,7 @@ class SamplerClient:
         )
 
     def rebuild(self, name: str) -> int:
-        """Refit the index's codebooks now; return the version that holds them."""
+        """Refit the index's codebooks now; return the version that contains them."""
         return int(self._call(self._stub.Rebuild, _pb.RebuildRequest(name=name)).version)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 class IndexInfo:
     """State of one index on the server.
 
-    status is "empty" (no table yet), "building", "ready" or "failed" (then `error` says why).
+    status is "empty" (no table yet), "building", "ready" or "failed" (then `error` gives the reason).
     quantization_error is the mean relative residual norm of the current codes and
     fit_quantization_error the same when the codebooks were last fitted (both 0 when empty).
     """

@@ -33,10 +33,8 @@ def from_json(value: Any, name: str, dtype: type[np.generic]) -> np.ndarray:
         ) from None
 
 
-def from_tensor(
-    dtype: str, shape: list[int], data: bytes, name: str, allowed: dict[str, np.dtype[Any]]
-) -> np.ndarray:
-    """Return a protobuf tensor {dtype, shape, little-endian data} as an array (without copying)."""
+def from_tensor(dtype: str, shape: list[int], data: bytes, name: str, allowed: dict[str, np.dtype[Any]]) -> np.ndarray:
+    """Return a protobuf tensor {dtype, shape, little-endian data} as a writable array."""
     if dtype not in allowed:
         raise InvalidArgumentError(f"{name}.dtype is {dtype!r}; expected one of {sorted(allowed)}")
     if any(size < 0 for size in shape):
@@ -48,7 +46,8 @@ def from_tensor(
             f"{name} has shape {list(shape)} of {dtype}, which needs {expected} bytes, but data has "
             f"{len(data)} bytes; send shape and data of the same array"
         )
-    return np.frombuffer(data, dtype=wire_dtype).reshape(tuple(shape))
+    # A copy, because arrays over the message's bytes are read-only and torch expects writable memory.
+    return np.frombuffer(data, dtype=wire_dtype).reshape(tuple(shape)).copy()
 
 
 def load_npy(body: bytes, name: str) -> np.ndarray:

@@ -42,7 +42,7 @@ class _Group:
 class SampleBatcher:
     """Coalesce sample requests that share index, num_samples, sampler and positives width.
 
-    A request waits at most `window_ms` for others to join; a group is also flushed once it holds
+    A request waits at most `window_ms` for others to join; a group is also flushed once it contains
     `max_batch_rows` query rows. The coalesced call runs on one snapshot, so every caller in a group
     gets the same version and exactly its own rows. Seeded requests run alone, because joining a batch
     would change their random stream. `on_batch(rows, requests)` observes each coalesced call.
@@ -126,9 +126,7 @@ class SampleBatcher:
         assert index is not None
 
         if len(live) == 1:
-            await self._settle(
-                live[0][1], self._registry.compute(_sample, index, live[0][0]), snapshot.version
-            )
+            await self._settle(live[0][1], self._registry.compute(_sample, index, live[0][0]), snapshot.version)
             return
 
         rows = sum(call.queries.shape[0] for call, _ in live)

@@ -2,7 +2,7 @@
 
 Every index has a config, a status ("empty", "building", "ready", "failed") and a version that grows by
 one with every accepted mutation (table upload, row update, codebook refit). Readers take the current
-`Snapshot`, an immutable (version, MidxIndex) pair, so no answer mixes two versions. A mutation builds the
+`Snapshot`, an immutable (version, MidxIndex) pair, so no response mixes two versions. A mutation builds the
 next MidxIndex on the compute thread pool while holding the index's writer lock, records it in the
 `MutationStore`, and only then swaps it in and acknowledges it.
 
@@ -67,7 +67,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class IndexState:
-    """What GET /v1/indexes/{name} reports about one index at one moment."""
+    """State of one index at one moment, as GET /v1/indexes/{name} returns it."""
 
     name: str
     config: IndexConfig
@@ -197,7 +197,7 @@ class IndexRegistry:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def compute(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `function` on the compute pool so the event loop keeps answering."""
+        """Run `function` on the compute pool so the event loop stays responsive."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
 
@@ -340,7 +340,7 @@ class IndexRegistry:
         return version
 
     async def refit(self, name: str) -> int:
-        """Refit the codebooks now (or join a running refit); return the version that holds them."""
+        """Refit the codebooks now (or join a running refit); return the version that contains them."""
         entry = self._entry(name)
         self._check_live(entry)
         if entry.current.index is None:
@@ -467,12 +467,10 @@ def _no_table_error(entry: _Entry) -> MidxError:
         return UnavailableError(f"index {entry.name!r} is building its first table; retry when it is ready")
     if entry.status is IndexStatus.FAILED:
         return FailedPreconditionError(
-            f"index {entry.name!r} has no table because its build failed ({entry.error}); "
-            "upload the table again"
+            f"index {entry.name!r} has no table because its build failed ({entry.error}); upload the table again"
         )
     return FailedPreconditionError(
-        f"index {entry.name!r} has no table yet; upload embeddings first "
-        f"(PUT /v1/indexes/{entry.name}/embeddings)"
+        f"index {entry.name!r} has no table yet; upload embeddings first (PUT /v1/indexes/{entry.name}/embeddings)"
     )
 
 

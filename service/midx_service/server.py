@@ -38,9 +38,9 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class SamplerServer:
     """Both front ends over one registry, in the running event loop.
 
-    `start()` binds the ports (0 picks free ones; read `http_port` and `grpc_port` afterwards) and
-    `stop()` turns the gRPC health status to NOT_SERVING and /readyz to 503 first, then lets running
-    requests finish for up to shutdown_grace_seconds.
+    `start()` binds the ports, where 0 picks a free one, and `http_port` / `grpc_port` report them
+    afterwards. `stop()` turns the gRPC health status to NOT_SERVING and /readyz to 503 first, then
+    lets running requests finish for up to shutdown_grace_seconds.
     """
 
     def __init__(self, settings: Settings, *, store: MutationStore | None = None) -> None:
@@ -65,9 +65,7 @@ class SamplerServer:
     async def start(self) -> None:
         started = time.perf_counter()
         if self.settings.token is None:
-            logger.warning(
-                "MIDX_API_TOKEN is not set: every route, mutations included, is open to any caller"
-            )
+            logger.warning("MIDX_API_TOKEN is not set: every route, mutations included, is open to any caller")
         await self.registry.restore()
         await self._start_grpc()
         await self._start_rest()

@@ -1,7 +1,7 @@
 """The operations both front ends expose: request limits, dynamic batching and the registry, in one place.
 
 The REST router and the gRPC servicer translate their wire formats to these calls and the results
-back; every rule a request must meet is checked here or in the index core, never in a front end.
+back. Every rule a request must meet is checked here or in the index core, never in a front end.
 """
 
 from __future__ import annotations
@@ -83,9 +83,7 @@ class SamplerService:
     async def upload_embeddings(self, name: str, embeddings: Any, weights: Any | None = None) -> int:
         return await self.registry.upload(name, embeddings, weights)
 
-    async def update_embeddings(
-        self, name: str, ids: Any, embeddings: Any, weights: Any | None = None
-    ) -> int:
+    async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         return await self.registry.update(name, ids, embeddings, weights)
 
     async def rebuild(self, name: str) -> int:
@@ -114,6 +112,8 @@ class SamplerService:
                 "ask for fewer samples per query"
             )
         snapshot = await self.registry.snapshot(name, min_version)
+        assert snapshot.index is not None
+        queries = _empty_batch_as_matrix(queries, snapshot.index.config.dim)
         call = SampleCall(queries, num_samples, positives, exclude_positives, sampler or "midx", seed)
 
         result, version = await self.batcher.sample(name, snapshot, call)
@@ -138,6 +138,7 @@ class SamplerService:
         snapshot = await self.registry.snapshot(name, min_version)
         index = snapshot.index
         assert index is not None
+        queries = _empty_batch_as_matrix(queries, index.config.dim)
 
         log_q = await self.registry.compute(index.log_prob, queries, ids, sampler=sampler or "midx")
 
@@ -156,3 +157,10 @@ class SamplerService:
     def _observe_batch(self, rows: int, requests: int) -> None:
         self.metrics.batch_queries.observe(rows)
         self.metrics.batch_requests.observe(requests)
+
+
+def _empty_batch_as_matrix(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Return an empty JSON batch `[]` (shape (0,)) as a (0, dim) matrix, so it returns an empty result."""
+    if queries.ndim == 1 and queries.shape[0] == 0:
+        return queries.reshape(0, dim)
+    return queries

@@ -24,13 +24,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address both front ends listen on (0.0.0.0 for all)")
     http_port: int = Field(8000, ge=0, le=65535, description="REST port (0 picks a free port)")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free port)")
-    device: str = Field(
-        "auto", description="torch device of the indexes: auto (cuda when present), cpu, cuda"
-    )
+    device: str = Field("auto", description="torch device of the indexes: auto (cuda when present), cpu, cuda")
     redis_url: str | None = Field(None, description="Redis URL for persistence; unset keeps state in memory")
-    data_dir: Path | None = Field(
-        None, description="directory for local snapshots; unset keeps state in memory"
-    )
+    data_dir: Path | None = Field(None, description="directory for local snapshots; unset keeps state in memory")
     api_token: SecretStr | None = Field(None, description="bearer token required on every non-health route")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain for gRPC TLS")
     tls_key_file: Path | None = Field(None, description="PEM private key for gRPC TLS")
@@ -40,7 +36,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         512 * MIB, ge=1024, description="largest REST body and largest uploaded table, in bytes"
     )
-    max_batch: int = Field(65536, ge=1, description="most queries in one sample or log-prob request")
+    max_batch: int = Field(65536, ge=1, description="maximum queries in one sample or log-prob request")
     max_num_samples: int = Field(100_000, ge=1, description="largest num_samples per query")
     batch_window_ms: float = Field(
         2.0,

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import InvalidArgumentError
-
 from tests.core.conftest import assert_draws_follow, brute_force_log_q, exact_log_softmax
 
 VARIANTS = list(itertools.product(["rq", "pq"], ["uniform", "popularity"], ["dot", "cosine"]))
@@ -131,7 +131,7 @@ def test_tail_class_log_q_stays_finite():
     torch.testing.assert_close(log_q, torch.tensor([[0.0, -200.0]]), atol=1e-4, rtol=0)
 
 
-def test_queries_of_large_norm_use_the_log_space_path(table):
+def test_sample_large_norm_queries(table):
     index = build(table, num_codewords=6)
     queries = torch.randn(3, 8, generator=torch.Generator().manual_seed(4)) * 300
 

@@ -20,9 +20,9 @@ from midx_service.core.cells import Cells, build_cells
 from midx_service.core.config import SAMPLERS, IndexConfig, SampleResult
 from midx_service.core.draw import (
     Exclusions,
+    below_one,
     draw_from_cumsum,
     draw_in_segments,
-    uniform_below,
 )
 from midx_service.core.quantizer import Codebooks, fit_codebooks
 from midx_service.core.validation import (
@@ -301,8 +301,8 @@ class MidxIndex:
     ) -> SampleResult:
         """Draw `num_samples` (M) classes for each of the (B, D) queries from the chosen proposal.
 
-        positives: optional (B, P) ids; their log Q (under the full proposal) is returned, and with
-        exclude_positives they are never drawn and the negatives' log Q is renormalised over the
+        positives: optional (B, P) ids whose log Q under the full proposal is returned. With
+        exclude_positives they are never drawn, and the negatives' log Q is renormalised over the
         remaining classes. seed makes the draws reproducible on the same device.
         """
         proposal = self._sampler(sampler)
@@ -464,8 +464,10 @@ class MidxIndex:
 
         # Second stage: the codeword c given a, by inverse CDF on the running sums of row a.
         row_index = (torch.arange(batch, device=self.device).unsqueeze(1) * num_codewords + first).view(-1)
-        rows_drawn = row_cumsum.view(batch * num_codewords, num_codewords).index_select(0, row_index)
-        target = uniform_below(rows_drawn[:, -1].contiguous(), generator).unsqueeze(1)
+        flat_rows = row_cumsum.view(batch * num_codewords, num_codewords)
+        rows_drawn = flat_rows.index_select(0, row_index)
+        row_total = below_one(flat_rows[:, -1]).index_select(0, row_index)
+        target = torch.rand(row_total.shape, generator=generator, device=self.device).mul_(row_total).unsqueeze(1)
         second = torch.searchsorted(rows_drawn, target, right=True).squeeze(1).clamp_(max=num_codewords - 1)
         second = second.view(batch, num_samples)
 
@@ -538,9 +540,11 @@ class MidxIndex:
         batch_index = torch.arange(batch, device=self.device).unsqueeze(1).expand(batch, num_positives)
         shift = row_shift[batch_index, first]
         terms = new_mass * torch.exp(s2.unsqueeze(1) - shift.unsqueeze(2)).to(torch.float64)
-        total = terms.sum(dim=2)
-        row_cumsum[batch_index, first] = terms.cumsum(dim=2).to(torch.float32)
-        log_row_mass[batch_index, first] = (torch.log(total) + shift).to(torch.float32)
+        new_rows = terms.cumsum(dim=2).to(torch.float32)
+        row_cumsum[batch_index, first] = new_rows
+        # The log mass comes from the float32 row the second stage searches, so a row whose mass
+        # rounds to 0 there also gets probability 0 in the first stage.
+        log_row_mass[batch_index, first] = torch.log(new_rows[..., -1]) + shift
         return _ExcludedPositives(
             position=position,
             cell=first * num_codewords + second,

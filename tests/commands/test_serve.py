@@ -1,0 +1,107 @@
+"""`midx-sampler serve` as a process: starts both front ends, refuses bad settings, stops gracefully."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from midx_service.settings import InvalidSettingsError, load_settings
+
+_READY_LINE = re.compile(r"REST port (\d+), gRPC port (\d+)")
+
+
+def _serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "midx_service.cli", "serve", "--http-port", "0", "--grpc-port", "0", *flags],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _wait_for_ports(process: subprocess.Popen[str], deadline_seconds: float = 60.0) -> tuple[int, int, list[str]]:
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = _READY_LINE.search(line)
+        if match:
+            return int(match.group(1)), int(match.group(2)), lines
+    raise AssertionError("the server did not report its ports:\n" + "".join(lines))
+
+
+@pytest.fixture
+def served() -> Iterator[subprocess.Popen[str]]:
+    process = _serve("--device", "cpu")
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_gracefully(served: subprocess.Popen[str]) -> None:
+    http_port, grpc_port, lines = _wait_for_ports(served)
+    assert httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+    served.send_signal(signal.SIGTERM)
+    _, rest = served.communicate(timeout=60)
+
+    assert served.returncode == 0
+    assert "MIDX_API_TOKEN is not set" in "".join(lines)
+    assert "health NOT_SERVING" in rest
+    assert "stopped in" in rest
+
+
+def test_invalid_setting_is_refused_by_name() -> None:
+    process = _serve(env={"MIDX_BATCH_WINDOW_MS": "-3"})
+
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 2
+    assert "batch_window_ms (MIDX_BATCH_WINDOW_MS)" in stderr
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIDX_HTTP_PORT", "8100")
+    monkeypatch.setenv("MIDX_MAX_BATCH", "7")
+
+    settings = load_settings(http_port=8200)
+
+    assert settings.http_port == 8200
+    assert settings.max_batch == 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"grpc_port": 70000}, "grpc_port"),
+        ({"device": "tpu"}, "device"),
+        ({"refit_error_ratio": 0.5}, "refit_error_ratio"),
+        ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"}, "tls_cert_file"),
+        ({"max_batch": 0}, "max_batch"),
+    ],
+)
+def test_invalid_settings_name_the_setting(overrides: dict[str, object], named: str) -> None:
+    with pytest.raises(InvalidSettingsError) as failure:
+        load_settings(**overrides)
+
+    assert named in str(failure.value)

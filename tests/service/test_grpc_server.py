@@ -1,0 +1,242 @@
+"""The gRPC front end through real channels: RPCs, status codes, wire-level bad input, token, TLS, health."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from midx_client._proto import sampler_pb2 as pb
+from midx_client._proto import sampler_pb2_grpc as pb_grpc
+
+DIM = 8
+NUM_CLASSES = 300
+
+
+def _tensor(array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(dtype=str(array.dtype), shape=list(array.shape), data=array.tobytes())
+
+
+@pytest.fixture
+def table() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((NUM_CLASSES, DIM)).astype(np.float32)
+
+
+@pytest.fixture
+def stub(server: Any) -> Iterator[pb_grpc.SamplerStub]:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield pb_grpc.SamplerStub(channel)
+
+
+@pytest.fixture
+def words(stub: pb_grpc.SamplerStub, table: np.ndarray) -> str:
+    stub.CreateIndex(pb.CreateIndexRequest(name="words", config=pb.IndexConfig(dim=DIM, num_codewords=8)))
+    chunks = [
+        pb.UploadEmbeddingsRequest(name="words", num_rows=NUM_CLASSES, embeddings=_tensor(table[:100])),
+        pb.UploadEmbeddingsRequest(embeddings=_tensor(table[100:])),
+    ]
+    assert stub.UploadEmbeddings(iter(chunks)).version == 1
+    return "words"
+
+
+def _queries(rows: int = 3) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((rows, DIM)).astype(np.float32)
+
+
+def _code(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    return failure.value.code()
+
+
+def _message(call: Any) -> str:
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    return str(failure.value.details())
+
+
+def test_every_rpc_round_trip(stub: pb_grpc.SamplerStub, words: str) -> None:
+    sample = stub.Sample(pb.SampleRequest(name="words", queries=_tensor(_queries()), num_samples=4))
+    updated = stub.UpdateEmbeddings(
+        pb.UpdateEmbeddingsRequest(
+            name="words", ids=_tensor(np.array([1, 2])), embeddings=_tensor(np.ones((2, DIM), np.float32))
+        )
+    )
+    log_prob = stub.LogProb(
+        pb.LogProbRequest(name="words", queries=_tensor(_queries()), ids=_tensor(np.zeros((3, 2), np.int64)))
+    )
+    rebuilt = stub.Rebuild(pb.RebuildRequest(name="words"))
+    info = stub.GetIndex(pb.GetIndexRequest(name="words"))
+    listed = stub.ListIndexes(pb.ListIndexesRequest())
+    stub.DeleteIndex(pb.DeleteIndexRequest(name="words"))
+
+    assert sample.version == 1
+    assert sample.ids.dtype == "int64"
+    assert list(sample.ids.shape) == [3, 4]
+    assert sample.log_q.dtype == "float32"
+    assert not sample.HasField("positive_log_q")
+    assert updated.version == 2
+    assert list(log_prob.log_q.shape) == [3, 2]
+    assert log_prob.version == 2
+    assert rebuilt.version == 3
+    assert info.version == 3
+    assert info.status == "ready"
+    assert info.config.num_codewords == 8
+    assert [entry.name for entry in listed.indexes] == ["words"]
+    assert _code(lambda: stub.GetIndex(pb.GetIndexRequest(name="words"))) == grpc.StatusCode.NOT_FOUND
+
+
+def test_sample_rejects_unknown_dtype(stub: pb_grpc.SamplerStub, words: str) -> None:
+    queries = pb.Tensor(dtype="float16", shape=[1, DIM], data=bytes(2 * DIM))
+
+    message = _message(lambda: stub.Sample(pb.SampleRequest(name="words", queries=queries, num_samples=2)))
+
+    assert "float16" in message
+
+
+def test_sample_rejects_shape_that_disagrees_with_bytes(stub: pb_grpc.SamplerStub, words: str) -> None:
+    queries = pb.Tensor(dtype="float32", shape=[2, DIM], data=bytes(4 * DIM))
+
+    code = _code(lambda: stub.Sample(pb.SampleRequest(name="words", queries=queries, num_samples=2)))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sample_rejects_nan_query(stub: pb_grpc.SamplerStub, words: str) -> None:
+    queries = _queries()
+    queries[1, 3] = np.inf
+
+    message = _message(lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=2)))
+
+    assert "row 1" in message
+
+
+def test_upload_rejects_checksum_mismatch(stub: pb_grpc.SamplerStub, words: str, table: np.ndarray) -> None:
+    chunk = pb.UploadEmbeddingsRequest(
+        name="words", num_rows=NUM_CLASSES, embeddings=_tensor(table), sha256=b"\x00" * 32
+    )
+
+    message = _message(lambda: stub.UploadEmbeddings(iter([chunk])))
+
+    assert "corrupted" in message
+    assert stub.GetIndex(pb.GetIndexRequest(name="words")).version == 1
+
+
+def test_upload_rejects_missing_rows(stub: pb_grpc.SamplerStub, words: str, table: np.ndarray) -> None:
+    chunk = pb.UploadEmbeddingsRequest(name="words", num_rows=NUM_CLASSES + 1, embeddings=_tensor(table))
+
+    message = _message(lambda: stub.UploadEmbeddings(iter([chunk])))
+
+    assert "num_rows" in message
+    assert stub.GetIndex(pb.GetIndexRequest(name="words")).version == 1
+
+
+def test_create_existing_index_already_exists(stub: pb_grpc.SamplerStub, words: str) -> None:
+    request = pb.CreateIndexRequest(name="words", config=pb.IndexConfig(dim=DIM))
+
+    assert _code(lambda: stub.CreateIndex(request)) == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_sample_without_table_fails_precondition(stub: pb_grpc.SamplerStub) -> None:
+    stub.CreateIndex(pb.CreateIndexRequest(name="empty", config=pb.IndexConfig(dim=DIM)))
+    request = pb.SampleRequest(name="empty", queries=_tensor(_queries()), num_samples=2)
+
+    assert _code(lambda: stub.Sample(request)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_min_version_times_out(stub: pb_grpc.SamplerStub, words: str) -> None:
+    request = pb.SampleRequest(name="words", queries=_tensor(_queries()), num_samples=2, min_version=9)
+
+    assert _code(lambda: stub.Sample(request)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_message_above_limit_is_resource_exhausted(start_server: Any) -> None:
+    running = start_server(max_message_bytes=64 * 1024)
+    queries = np.zeros((4096, DIM), np.float32)  # 128 KiB
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        stub = pb_grpc.SamplerStub(channel)
+
+        code = _code(lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=1)))
+
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_table_above_limit_is_resource_exhausted(start_server: Any, table: np.ndarray) -> None:
+    running = start_server(max_body_bytes=4096)
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        stub = pb_grpc.SamplerStub(channel)
+        stub.CreateIndex(pb.CreateIndexRequest(name="words", config=pb.IndexConfig(dim=DIM, num_codewords=8)))
+        chunk = pb.UploadEmbeddingsRequest(name="words", num_rows=NUM_CLASSES, embeddings=_tensor(table))
+
+        message = _message(lambda: stub.UploadEmbeddings(iter([chunk])))
+
+    assert "MIDX_MAX_BODY_BYTES" in message
+
+
+def test_health_serves_and_token_guards_sampler(start_server: Any) -> None:
+    running = start_server(api_token="s3cret")
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.SamplerStub(channel)
+
+        status = health.Check(health_pb2.HealthCheckRequest(service="midx.v1.Sampler")).status
+        missing = _code(lambda: stub.ListIndexes(pb.ListIndexesRequest()))
+        wrong = _code(lambda: stub.ListIndexes(pb.ListIndexesRequest(), metadata=[("authorization", "Bearer x")]))
+        listed = stub.ListIndexes(pb.ListIndexesRequest(), metadata=[("authorization", "Bearer s3cret")])
+
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert missing == grpc.StatusCode.UNAUTHENTICATED
+    assert wrong == grpc.StatusCode.UNAUTHENTICATED
+    assert list(listed.indexes) == []
+
+
+def test_health_turns_not_serving_on_stop(start_server: Any) -> None:
+    running = start_server()
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="midx.v1.Sampler")
+        watch = health.Watch(request)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+        running.call(running.server.health.enter_graceful_shutdown())
+
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate for 127.0.0.1 / localhost and its key; return their paths."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_channel_works_and_plaintext_fails(start_server: Any, tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    running = start_server(tls_cert_file=str(cert), tls_key_file=str(key))
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+
+    with grpc.secure_channel(running.grpc_target, credentials) as channel:
+        listed = pb_grpc.SamplerStub(channel).ListIndexes(pb.ListIndexesRequest(), timeout=10)
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        code = _code(lambda: pb_grpc.SamplerStub(channel).ListIndexes(pb.ListIndexesRequest(), timeout=5))
+
+    assert list(listed.indexes) == []
+    assert code == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,264 @@
+"""The index registry: versions, snapshot swaps, min_version waits, refits and the persistence hook."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from midx_service.core import IndexConfig, MidxIndex
+from midx_service.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from midx_service.registry import IndexRegistry, IndexStatus, Mutation, RestoredIndex
+
+DIM = 6
+NUM_CLASSES = 200
+CONFIG = IndexConfig(DIM, num_codewords=8)
+
+
+def _table(seed: int = 0, rows: int = NUM_CLASSES) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
+
+
+class RecordingStore:
+    """Records mutations; fails on demand; restores what it is given."""
+
+    def __init__(self, restored: list[RestoredIndex] | None = None) -> None:
+        self.mutations: list[Mutation] = []
+        self.fail = False
+        self.restored = restored or []
+
+    async def load(self) -> list[RestoredIndex]:
+        return self.restored
+
+    async def append(self, mutation: Mutation) -> None:
+        if self.fail:
+            raise ConnectionError("store is down")
+        self.mutations.append(mutation)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def test_versions_grow_by_one_per_mutation() -> None:
+    async def scenario() -> list[int]:
+        registry = IndexRegistry(refit_error_ratio=0.0)
+        state = await registry.create("words", CONFIG)
+        versions = [state.version]
+        versions.append(await registry.upload("words", _table()))
+        versions.append(await registry.update("words", [1, 2], _table(1, 2)))
+        versions.append(await registry.refit("words"))
+        versions.append(registry.state("words").version)
+        await registry.close()
+        return versions
+
+    assert run(scenario()) == [0, 1, 2, 3, 3]
+
+
+def test_store_sees_each_mutation_before_acknowledgement() -> None:
+    async def scenario() -> tuple[RecordingStore, int, int]:
+        store = RecordingStore()
+        registry = IndexRegistry(store=store, refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        await registry.update("words", [3], _table(1, 1))
+        await registry.refit("words")
+        store.fail = True
+        with pytest.raises(UnavailableError):
+            await registry.update("words", [4], _table(2, 1))
+        version_after_failure = registry.state("words").version
+        store.fail = False
+        version = await registry.update("words", [4], _table(2, 1))
+        await registry.delete("words")
+        await registry.close()
+        return store, version_after_failure, version
+
+    store, version_after_failure, version = run(scenario())
+
+    assert [mutation.kind for mutation in store.mutations] == [
+        "create",
+        "upload",
+        "update",
+        "refit",
+        "update",
+        "delete",
+    ]
+    assert [mutation.version for mutation in store.mutations[:5]] == [0, 1, 2, 3, 4]
+    assert version_after_failure == 3
+    assert version == 4
+    update = store.mutations[2]
+    assert update.ids is not None
+    assert update.ids.tolist() == [3]
+    assert update.index is not None
+
+
+def test_restore_installs_state_dicts() -> None:
+    table = _table()
+    index = MidxIndex.build(CONFIG, table)
+    queries = _table(5, 3)
+    restored = [
+        RestoredIndex("words", CONFIG, 7, index.state_dict()),
+        RestoredIndex("empty", CONFIG, 0, None),
+    ]
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        registry = IndexRegistry(store=RecordingStore(restored))
+        await registry.restore()
+        snapshot = await registry.snapshot("words")
+        states = registry.states()
+        await registry.close()
+        return snapshot, states, snapshot.index.sample(queries, 4, seed=1)
+
+    snapshot, states, result = run(scenario())
+
+    assert snapshot.version == 7
+    assert [(state.name, state.status) for state in states] == [
+        ("empty", IndexStatus.EMPTY),
+        ("words", IndexStatus.READY),
+    ]
+    np.testing.assert_array_equal(result.ids, index.sample(queries, 4, seed=1).ids)
+
+
+def test_bad_upload_leaves_index_unchanged() -> None:
+    async def scenario() -> tuple[int, IndexStatus]:
+        registry = IndexRegistry()
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        bad = _table(1)
+        bad[3, 3] = np.nan
+        with pytest.raises(InvalidArgumentError):
+            await registry.upload("words", bad)
+        state = registry.state("words")
+        await registry.close()
+        return state.version, state.status
+
+    assert run(scenario()) == (1, IndexStatus.READY)
+
+
+def test_min_version_waits_for_a_later_mutation() -> None:
+    async def scenario() -> int:
+        registry = IndexRegistry(min_version_timeout_seconds=10.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        waiter = asyncio.create_task(registry.snapshot("words", min_version=2))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await registry.update("words", [0], _table(1, 1))
+        snapshot = await waiter
+        await registry.close()
+        return snapshot.version
+
+    assert run(scenario()) == 2
+
+
+def test_min_version_times_out() -> None:
+    async def scenario() -> str:
+        registry = IndexRegistry(min_version_timeout_seconds=0.05)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        with pytest.raises(FailedPreconditionError) as failure:
+            await registry.snapshot("words", min_version=3)
+        await registry.close()
+        return str(failure.value)
+
+    message = run(scenario())
+
+    assert "version 1" in message
+    assert "min_version 3" in message
+
+
+def test_delete_wakes_min_version_waiters() -> None:
+    async def scenario() -> None:
+        registry = IndexRegistry(min_version_timeout_seconds=10.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        waiter = asyncio.create_task(registry.snapshot("words", min_version=5))
+        await asyncio.sleep(0)
+        await registry.delete("words")
+        with pytest.raises(NotFoundError):
+            await waiter
+        await registry.close()
+
+    run(scenario())
+
+
+def test_refit_keeps_rows_updated_while_it_ran() -> None:
+    table = _table()
+
+    async def scenario() -> tuple[Any, np.ndarray, np.ndarray]:
+        registry = IndexRegistry(refit_error_ratio=0.0, compute_threads=2)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", table)
+        refit = asyncio.create_task(registry.refit("words"))
+        await asyncio.sleep(0)  # the refit task has taken its base snapshot
+        rows = _table(3, 2) * 5
+        await registry.update("words", [5, NUM_CLASSES], rows)
+        version = await refit
+        snapshot = await registry.snapshot("words")
+        await registry.close()
+        return (version, snapshot), rows, snapshot.index.embeddings.numpy()
+
+    (version, snapshot), rows, embeddings = run(scenario())
+
+    assert version == 3
+    assert snapshot.version == 3
+    assert snapshot.index.num_classes == NUM_CLASSES + 1
+    np.testing.assert_allclose(embeddings[[5, NUM_CLASSES]], rows)
+    expected_codes = snapshot.index.codebooks.encode(snapshot.index.embeddings)
+    np.testing.assert_array_equal(snapshot.index.codes.numpy(), expected_codes.numpy())
+
+
+def test_error_growth_triggers_background_refit() -> None:
+    table = _table()
+
+    async def scenario() -> tuple[int, float, float]:
+        registry = IndexRegistry(refit_error_ratio=1.2)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", table)
+        before = registry.state("words").fit_quantization_error
+        # Moving half the rows far from every codeword raises the quantisation error well past 1.2 x.
+        ids = np.arange(0, NUM_CLASSES, 2)
+        await registry.update("words", ids, _table(9, len(ids)) * 20 + 50)
+        for _ in range(500):
+            if registry.state("words").version >= 3:
+                break
+            await asyncio.sleep(0.01)
+        state = registry.state("words")
+        await registry.close()
+        return state.version, before, state.fit_quantization_error
+
+    version, before, after = run(scenario())
+
+    assert version == 3
+    assert after != before
+
+
+def test_sample_on_empty_index_fails_precondition() -> None:
+    async def scenario() -> None:
+        registry = IndexRegistry()
+        await registry.create("words", CONFIG)
+        with pytest.raises(FailedPreconditionError):
+            await registry.snapshot("words")
+        with pytest.raises(FailedPreconditionError):
+            await registry.update("words", [0], _table(1, 1))
+        await registry.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("name", ["", "has space", "-leading", "a" * 129, "slash/name"])
+def test_create_rejects_bad_names(name: str) -> None:
+    async def scenario() -> None:
+        registry = IndexRegistry()
+        with pytest.raises(InvalidArgumentError):
+            await registry.create(name, CONFIG)
+        await registry.close()
+
+    run(scenario())

@@ -1,0 +1,411 @@
+"""The REST front end through a real HTTP server on a loopback port: routes, codes, bad input."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from midx_service.core import IndexConfig, MidxIndex
+
+DIM = 8
+NUM_CLASSES = 300
+
+
+@pytest.fixture
+def table() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((NUM_CLASSES, DIM)).astype(np.float32)
+
+
+@pytest.fixture
+def http(server: Any) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.http_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def words(http: httpx.Client, table: np.ndarray) -> str:
+    """An index 'words' built from `table`, at version 1."""
+    assert http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8}).status_code == 201
+    response = http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+    assert response.json() == {"version": 1}
+    return "words"
+
+
+_NPY = {"content-type": "application/x-npy"}
+_NPZ = {"content-type": "application/x-npz"}
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _queries(rows: int = 4, seed: int = 1) -> list[list[float]]:
+    return np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32).tolist()
+
+
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    return str(body["error"]["message"])
+
+
+def _version(http: httpx.Client, name: str = "words") -> int:
+    return int(http.get(f"/v1/indexes/{name}").json()["version"])
+
+
+def _sample_works(http: httpx.Client, name: str = "words") -> None:
+    response = http.post(f"/v1/indexes/{name}/sample", json={"queries": _queries(), "num_samples": 3})
+    assert response.status_code == 200, response.text
+
+
+# ------------------------------------------------------------------------------------------ routes
+
+
+def test_health_and_ready_routes(http: httpx.Client) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").status_code == 200
+
+    http.put("/v1/indexes/empty", json={"dim": DIM})
+
+    _error(http.get("/readyz"), 503, "unavailable")
+
+
+def test_index_lifecycle_routes(http: httpx.Client, table: np.ndarray) -> None:
+    created = http.put("/v1/indexes/items", json={"dim": DIM, "num_codewords": 4, "metric": "cosine"})
+    assert created.status_code == 201
+    assert created.json()["status"] == "empty"
+    assert created.json()["version"] == 0
+
+    body = {"embeddings": table[:50].tolist(), "weights": [1.0] * 50}
+    assert http.put("/v1/indexes/items/embeddings", json=body).json() == {"version": 1}
+    info = http.get("/v1/indexes/items").json()
+    listed = http.get("/v1/indexes").json()["indexes"]
+    deleted = http.delete("/v1/indexes/items")
+
+    assert info["num_classes"] == 50
+    assert info["status"] == "ready"
+    assert info["metric"] == "cosine"
+    assert info["device"] == "cpu"
+    assert info["quantization_error"] >= 0
+    assert [entry["name"] for entry in listed] == ["items"]
+    assert deleted.status_code == 204
+    _error(http.get("/v1/indexes/items"), 404, "not_found")
+
+
+def test_sample_matches_core_for_same_seed(http: httpx.Client, words: str, table: np.ndarray) -> None:
+    queries = _queries(5)
+    positives = [[1], [2], [3], [4], [5]]
+    core = MidxIndex.build(IndexConfig(DIM, num_codewords=8), table)
+    expected = core.sample(np.array(queries, dtype=np.float32), 7, positives=np.array(positives), seed=11)
+
+    response = http.post(
+        "/v1/indexes/words/sample",
+        json={"queries": queries, "num_samples": 7, "positives": positives, "seed": 11},
+    ).json()
+
+    assert response["version"] == 1
+    np.testing.assert_array_equal(response["ids"], expected.ids.numpy())
+    np.testing.assert_allclose(response["log_q"], expected.log_q.numpy(), rtol=1e-6)
+    assert expected.positive_log_q is not None
+    np.testing.assert_allclose(response["positive_log_q"], expected.positive_log_q.numpy(), rtol=1e-6)
+
+
+def test_update_log_prob_and_rebuild_routes(http: httpx.Client, words: str, table: np.ndarray) -> None:
+    new_rows = np.random.default_rng(5).standard_normal((2, DIM)).astype(np.float32)
+    patched = http.patch(
+        "/v1/indexes/words/embeddings", json={"ids": [0, NUM_CLASSES], "embeddings": new_rows.tolist()}
+    )
+    patched_npz = http.patch(
+        "/v1/indexes/words/embeddings", content=_npz(ids=np.array([3]), embeddings=new_rows[:1]), headers=_NPZ
+    )
+    log_prob = http.post(
+        "/v1/indexes/words/log-prob", json={"queries": _queries(2), "ids": [[0, NUM_CLASSES], [1, 2]]}
+    ).json()
+    rebuilt = http.post("/v1/indexes/words/rebuild").json()
+
+    assert patched.json() == {"version": 2}
+    assert patched_npz.json() == {"version": 3}
+    assert log_prob["version"] == 3
+    assert np.array(log_prob["log_q"]).shape == (2, 2)
+    assert rebuilt == {"version": 4}
+    assert http.get("/v1/indexes/words").json()["num_classes"] == NUM_CLASSES + 1
+
+
+def test_upload_npz_with_weights_and_digest(http: httpx.Client, table: np.ndarray) -> None:
+    http.put("/v1/indexes/popular", json={"dim": DIM, "num_codewords": 4, "last_stage": "popularity"})
+    weights = np.arange(NUM_CLASSES, dtype=np.float64)
+    body = _npz(embeddings=table, weights=weights)
+    digest = "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+
+    response = http.put("/v1/indexes/popular/embeddings", content=body, headers={**_NPZ, "content-digest": digest})
+    log_q = http.post("/v1/indexes/popular/log-prob", json={"queries": _queries(1), "ids": [[0, 1]]}).json()["log_q"]
+
+    assert response.json() == {"version": 1}
+    assert log_q[0][0] is None  # class 0 has weight 0: log Q is -inf, sent as null
+    assert isinstance(log_q[0][1], float)
+
+
+def test_metrics_route_reports_requests_and_indexes(http: httpx.Client, words: str) -> None:
+    _sample_works(http)
+
+    text = http.get("/metrics").text
+
+    assert 'midx_requests_total{method="sample",status="200",transport="rest"} 1.0' in text
+    assert 'midx_index_version{index="words"} 1.0' in text
+    assert f'midx_index_classes{{index="words"}} {float(NUM_CLASSES)}' in text
+    assert "midx_samples_total" in text
+    assert "midx_batch_queries_bucket" in text
+    assert "midx_index_build_seconds" in text
+    assert "midx_index_quantization_error" in text
+
+
+def test_openapi_documents_routes_and_errors(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    docs = http.get("/docs")
+
+    sample = spec["paths"]["/v1/indexes/{name}/sample"]["post"]
+    upload = spec["paths"]["/v1/indexes/{name}/embeddings"]["put"]
+    assert docs.status_code == 200
+    assert {"400", "401", "404", "409", "413", "422", "503"} <= set(sample["responses"])
+    assert "application/x-npz" in upload["requestBody"]["content"]
+    assert "/v1/indexes/{name}/log-prob" in spec["paths"]
+    assert "/v1/indexes/{name}/rebuild" in spec["paths"]
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "raw_query",
+    ["[NaN, 0, 0, 0, 0, 0, 0, 0]", "[Infinity, 0, 0, 0, 0, 0, 0, 0]", '["NaN", 0, 0, 0, 0, 0, 0, 0]'],
+)
+def test_sample_rejects_non_finite_query(http: httpx.Client, words: str, raw_query: str) -> None:
+    content = '{"queries": [' + raw_query + '], "num_samples": 3}'
+
+    response = http.post("/v1/indexes/words/sample", content=content, headers={"content-type": "application/json"})
+
+    assert response.status_code in (400, 422), response.text
+    assert "NaN" in response.json()["error"]["message"] or "finite" in response.json()["error"]["message"]
+    _sample_works(http)
+
+
+def test_upload_rejects_non_finite_embeddings(http: httpx.Client, words: str, table: np.ndarray) -> None:
+    bad = table.copy()
+    bad[7, 2] = np.nan
+
+    message = _error(http.put("/v1/indexes/words/embeddings", content=_npy(bad), headers=_NPY), 400, "invalid_argument")
+
+    assert "row 7" in message
+    assert _version(http) == 1
+    _sample_works(http)
+
+
+def test_sample_rejects_wrong_dim(http: httpx.Client, words: str) -> None:
+    response = http.post("/v1/indexes/words/sample", json={"queries": [[0.0, 1.0, 2.0]], "num_samples": 3})
+
+    assert "3 columns" in _error(response, 400, "invalid_argument")
+    _sample_works(http)
+
+
+def test_upload_rejects_wrong_dtype(http: httpx.Client, words: str) -> None:
+    strings = np.array([["a"] * DIM], dtype="<U1")
+
+    response = http.put("/v1/indexes/words/embeddings", content=_npy(strings), headers=_NPY)
+
+    assert "dtype" in _error(response, 400, "invalid_argument")
+    assert _version(http) == 1
+
+
+def test_upload_rejects_truncated_npy(http: httpx.Client, words: str, table: np.ndarray) -> None:
+    response = http.put("/v1/indexes/words/embeddings", content=_npy(table)[:-40], headers=_NPY)
+
+    assert ".npy" in _error(response, 400, "invalid_argument")
+    assert _version(http) == 1
+
+
+def test_sample_rejects_ragged_queries(http: httpx.Client, words: str) -> None:
+    response = http.post(
+        "/v1/indexes/words/sample", json={"queries": [[0.0] * DIM, [0.0] * (DIM - 1)], "num_samples": 3}
+    )
+
+    assert "rectangular" in _error(response, 400, "invalid_argument")
+    _sample_works(http)
+
+
+def test_sample_answers_empty_batch(http: httpx.Client, words: str) -> None:
+    response = http.post("/v1/indexes/words/sample", json={"queries": [], "num_samples": 3})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["ids"] == []
+    assert response.json()["version"] == 1
+
+
+@pytest.mark.parametrize("num_samples", [0, -2])
+def test_sample_rejects_num_samples_below_one(http: httpx.Client, words: str, num_samples: int) -> None:
+    response = http.post("/v1/indexes/words/sample", json={"queries": _queries(), "num_samples": num_samples})
+
+    assert "num_samples" in _error(response, 400, "invalid_argument")
+
+
+def test_sample_rejects_num_samples_above_limit(start_server: Any, table: np.ndarray) -> None:
+    running = start_server(max_num_samples=10)
+    with httpx.Client(base_url=running.http_url) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+        http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+
+        response = http.post("/v1/indexes/words/sample", json={"queries": _queries(), "num_samples": 11})
+
+        assert "MIDX_MAX_NUM_SAMPLES" in _error(response, 400, "invalid_argument")
+        _sample_works(http)
+
+
+def test_sample_rejects_batch_above_limit(start_server: Any, table: np.ndarray) -> None:
+    running = start_server(max_batch=3)
+    with httpx.Client(base_url=running.http_url) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+        http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+
+        response = http.post("/v1/indexes/words/sample", json={"queries": _queries(4), "num_samples": 2})
+
+        assert "MIDX_MAX_BATCH" in _error(response, 400, "invalid_argument")
+        ok = http.post("/v1/indexes/words/sample", json={"queries": _queries(3), "num_samples": 2})
+        assert ok.status_code == 200
+
+
+def test_sample_rejects_positive_out_of_range(http: httpx.Client, words: str) -> None:
+    response = http.post(
+        "/v1/indexes/words/sample",
+        json={"queries": _queries(2), "num_samples": 3, "positives": [[0], [NUM_CLASSES]]},
+    )
+
+    assert str(NUM_CLASSES) in _error(response, 400, "invalid_argument")
+    _sample_works(http)
+
+
+def test_update_rejects_id_out_of_range(http: httpx.Client, words: str) -> None:
+    body = {"ids": [NUM_CLASSES + 5], "embeddings": [[0.5] * DIM]}
+
+    response = http.patch("/v1/indexes/words/embeddings", json=body)
+
+    _error(response, 400, "invalid_argument")
+    assert _version(http) == 1
+    assert http.get("/v1/indexes/words").json()["num_classes"] == NUM_CLASSES
+
+
+def test_update_rejects_duplicate_ids(http: httpx.Client, words: str) -> None:
+    body = {"ids": [4, 4], "embeddings": [[0.5] * DIM, [0.25] * DIM]}
+
+    response = http.patch("/v1/indexes/words/embeddings", json=body)
+
+    assert "more than once" in _error(response, 400, "invalid_argument")
+    assert _version(http) == 1
+
+
+def test_unknown_index_is_not_found(http: httpx.Client) -> None:
+    _error(http.get("/v1/indexes/nothing"), 404, "not_found")
+    _error(
+        http.post("/v1/indexes/nothing/sample", json={"queries": _queries(), "num_samples": 2}),
+        404,
+        "not_found",
+    )
+    _error(http.delete("/v1/indexes/nothing"), 404, "not_found")
+
+
+def test_create_existing_index_conflicts(http: httpx.Client, words: str) -> None:
+    response = http.put("/v1/indexes/words", json={"dim": DIM})
+
+    assert "exists" in _error(response, 409, "already_exists")
+    assert _version(http) == 1
+
+
+def test_create_rejects_bad_config(http: httpx.Client) -> None:
+    _error(http.put("/v1/indexes/bad", json={"dim": 0}), 400, "invalid_argument")
+    _error(http.put("/v1/indexes/bad", json={"dim": 4, "quantizer": "lsh"}), 422, "invalid_argument")
+    _error(http.put("/v1/indexes/bad%20name", json={"dim": 4}), 400, "invalid_argument")
+    assert http.get("/v1/indexes").json() == {"indexes": []}
+
+
+def test_sample_without_table_fails_precondition(http: httpx.Client) -> None:
+    http.put("/v1/indexes/empty", json={"dim": DIM})
+
+    response = http.post("/v1/indexes/empty/sample", json={"queries": _queries(), "num_samples": 2})
+
+    assert "upload" in _error(response, 409, "failed_precondition")
+
+
+def test_body_above_limit_is_rejected(start_server: Any, table: np.ndarray) -> None:
+    running = start_server(max_body_bytes=4096)
+    with httpx.Client(base_url=running.http_url) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+
+        response = http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+
+        assert "MIDX_MAX_BODY_BYTES" in _error(response, 413, "resource_exhausted")
+        ok = http.put("/v1/indexes/words/embeddings", content=_npy(table[:50]), headers=_NPY)
+        assert ok.json() == {"version": 1}
+
+
+def test_upload_rejects_digest_mismatch(http: httpx.Client, words: str, table: np.ndarray) -> None:
+    digest = "sha-256=:" + base64.b64encode(hashlib.sha256(b"other").digest()).decode() + ":"
+
+    response = http.put("/v1/indexes/words/embeddings", content=_npy(table), headers={**_NPY, "content-digest": digest})
+
+    assert "corrupted" in _error(response, 400, "invalid_argument")
+    assert _version(http) == 1
+
+
+def test_min_version_times_out_with_conflict(http: httpx.Client, words: str) -> None:
+    response = http.post("/v1/indexes/words/sample", json={"queries": _queries(), "num_samples": 2, "min_version": 5})
+
+    assert "min_version 5" in _error(response, 409, "failed_precondition")
+
+
+def test_json_never_carries_non_finite_numbers(http: httpx.Client, table: np.ndarray) -> None:
+    http.put("/v1/indexes/popular", json={"dim": DIM, "num_codewords": 4, "last_stage": "popularity"})
+    weights = np.ones(NUM_CLASSES)
+    weights[:10] = 0.0
+    http.put("/v1/indexes/popular/embeddings", content=_npz(embeddings=table, weights=weights), headers=_NPZ)
+
+    response = http.post(
+        "/v1/indexes/popular/sample",
+        json={"queries": _queries(3), "num_samples": 5, "positives": [[0], [1], [2]]},
+    )
+
+    json.loads(response.text, parse_constant=lambda token: pytest.fail(f"non-finite token {token}"))
+    assert response.json()["positive_log_q"] == [[None], [None], [None]]
+
+
+# ------------------------------------------------------------------------------------------- token
+
+
+def test_token_is_required_except_on_health(start_server: Any) -> None:
+    running = start_server(api_token="s3cret")
+    with httpx.Client(base_url=running.http_url) as http:
+        missing = http.get("/v1/indexes")
+        wrong = http.get("/v1/indexes", headers={"authorization": "Bearer nope"})
+        right = http.get("/v1/indexes", headers={"authorization": "Bearer s3cret"})
+        metrics = http.get("/metrics")
+
+        assert "Bearer" in _error(missing, 401, "unauthenticated")
+        _error(wrong, 401, "unauthenticated")
+        _error(metrics, 401, "unauthenticated")
+        assert right.status_code == 200
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 200
