@@ -109,7 +109,7 @@ class RestTrainer(HttpUser):
 
     def on_start(self) -> None:
         self.settings, table = workload()
-        self.requests = RequestFactory(self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers))
+        self.request_factory = RequestFactory(self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers))
         self.versions = VersionTracker()
         self.num_classes = table.shape[0]
         self.route = f"/v1/indexes/{self.settings.index_name}"
@@ -125,6 +125,7 @@ class RestTrainer(HttpUser):
             data=json.dumps(body),
             headers=self.headers,
             name=name,
+            timeout=self.settings.timeout_seconds,
             catch_response=True,
         ) as response:
             if response.status_code != 200:
@@ -137,7 +138,7 @@ class RestTrainer(HttpUser):
 
     @task(SAMPLE_WEIGHT)
     def sample(self) -> None:
-        queries, positives = self.requests.sample_batch()
+        queries, positives = self.request_factory.sample_batch()
         body = {
             "queries": queries.tolist(),
             "num_samples": self.settings.num_samples,
@@ -160,13 +161,13 @@ class RestTrainer(HttpUser):
 
     @task(UPDATE_WEIGHT)
     def update_rows(self) -> None:
-        ids, embeddings = self.requests.row_update()
+        ids, embeddings = self.request_factory.row_update()
         body = {"ids": ids.tolist(), "embeddings": embeddings.tolist()}
         self._post("PATCH", "/embeddings", body, lambda response: self.versions.observe(response["version"], "update"))
 
     @task(LOG_PROB_WEIGHT)
     def log_prob(self) -> None:
-        queries, ids = self.requests.log_prob_batch()
+        queries, ids = self.request_factory.log_prob_batch()
         body = {"queries": queries.tolist(), "ids": ids.tolist()}
 
         def check(response: dict[str, Any]) -> None:
@@ -189,7 +190,7 @@ class GrpcTrainer(User):
 
     def on_start(self) -> None:
         self.settings, table = workload()
-        self.requests = RequestFactory(self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers))
+        self.request_factory = RequestFactory(self.settings, table, seed=self.settings.seed + 1 + next(_user_numbers))
         self.versions = VersionTracker()
         self.num_classes = table.shape[0]
         self.sampler = SamplerClient(
@@ -227,7 +228,7 @@ class GrpcTrainer(User):
 
     @task(SAMPLE_WEIGHT)
     def sample(self) -> None:
-        queries, positives = self.requests.sample_batch()
+        queries, positives = self.request_factory.sample_batch()
 
         def check(result: Any) -> int:
             check_sample(
@@ -252,11 +253,11 @@ class GrpcTrainer(User):
 
     @task(UPDATE_WEIGHT)
     def update_rows(self) -> None:
-        ids, embeddings = self.requests.row_update()
+        ids, embeddings = self.request_factory.row_update()
 
         def check(version: Any) -> int:
             self.versions.observe(version, "UpdateEmbeddings")
-            return 8
+            return 0  # the response is one integer; locust needs no size for it
 
         self._call(
             "UpdateEmbeddings",
@@ -266,7 +267,7 @@ class GrpcTrainer(User):
 
     @task(LOG_PROB_WEIGHT)
     def log_prob(self) -> None:
-        queries, ids = self.requests.log_prob_batch()
+        queries, ids = self.request_factory.log_prob_batch()
 
         def check(result: Any) -> int:
             check_log_prob(result.log_q, batch_size=self.settings.batch_size, num_ids=self.settings.log_prob_ids)
