@@ -97,7 +97,7 @@ def _abort(environment: Environment, message: str) -> None:
     logger.error("%s", message)
     environment.process_exit_code = 1
     if environment.runner is not None:
-        # quit() waits for the users, so it must not run inside the test_start handler itself.
+        # The runner is still starting while test_start runs, so it is stopped from another greenlet.
         gevent.spawn(environment.runner.quit)
 
 

@@ -3,12 +3,14 @@
     python loadtest/run.py --run-time-seconds 60 --users 4 --out out/loadtest
 
 Starts `midx-sampler serve` on 127.0.0.1, on ports the OS picks, with a random API token and state in
-memory, and uploads the table. While locust runs loadtest/locustfile.py for a bounded time, a thread
-probes GET /healthz every 100 ms. Then the server stops and the runner writes OUT/summary.json,
-OUT/summary.md, locust's CSV files (OUT/locust_*.csv), its HTML report (OUT/report.html) and the logs
-(OUT/server.log, OUT/locust.log).
-Exits 1 when any request failed or broke a response check, when locust reported an error, when a
-health probe failed, or when the probe's p99 latency exceeded --health-p99-ms; exits 0 otherwise.
+memory (unless --redis-url or --data-dir is given), and uploads the table. While locust runs
+loadtest/locustfile.py for a bounded time, a thread probes GET /healthz every 100 ms. Then the server
+stops and the runner writes OUT/summary.json, OUT/summary.md, locust's CSV files (OUT/locust_*.csv),
+its HTML report (OUT/report.html) and the logs (OUT/server.log, OUT/locust.log).
+
+The exit code is 1 when a request failed or broke a response check, when locust reported an error,
+or when a health probe failed. It is also 1 when the probe's p99 latency exceeded --health-p99-ms,
+and 0 otherwise.
 """
 
 from __future__ import annotations
