@@ -62,7 +62,6 @@ class Snapshot:
 
     version: int
     index: MidxIndex | None
-    quantization_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +142,10 @@ class _Entry:
     # Ids changed by row updates while a refit runs; they are re-encoded with the new codebooks.
     refit_changes: list[torch.Tensor] | None = None
     refit_task: asyncio.Task[int] | None = None
+    # Measuring the quantisation error walks the whole table, so row updates leave it to a background
+    # task. The value lags the current version until that task catches up.
+    quantization_error: float = 0.0
+    error_task: asyncio.Task[None] | None = None
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -181,10 +184,12 @@ class IndexRegistry:
         """Install the indexes the store recovered; call once before serving."""
         for restored in await self.store.load():
             snapshot = Snapshot(restored.version, None)
+            error = 0.0
             if restored.state is not None:
                 index = await self.compute(MidxIndex.from_state_dict, restored.state, self.device)
-                snapshot = Snapshot(restored.version, index, await self.compute(_quantization_error, index))
-            entry = _Entry(restored.name, restored.config, snapshot)
+                snapshot = Snapshot(restored.version, index)
+                error = await self.compute(_quantization_error, index)
+            entry = _Entry(restored.name, restored.config, snapshot, quantization_error=error)
             entry.status = IndexStatus.READY if snapshot.index is not None else IndexStatus.EMPTY
             self._entries[restored.name] = entry
             logger.info("index %r restored at version %d", restored.name, restored.version)
@@ -306,7 +311,8 @@ class IndexRegistry:
             entry.table_generation += 1
             entry.build_seconds = time.perf_counter() - started
             entry.status, entry.error = IndexStatus.READY, ""
-            await self._swap(entry, Snapshot(version, index, error))
+            entry.quantization_error = error
+            await self._swap(entry, Snapshot(version, index))
         logger.info("index %r version %d: table of %d classes uploaded", name, version, index.num_classes)
         return version
 
@@ -318,7 +324,7 @@ class IndexRegistry:
             current = entry.current
             if current.index is None:
                 raise _no_table_error(entry)
-            index, error = await self.compute(_update_rows, current.index, ids, embeddings, weights)
+            index = await self.compute(current.index.update_rows, ids, embeddings, weights)
             id_vector = torch.as_tensor(np.asarray(ids), dtype=torch.int64).reshape(-1)
             rows = id_vector.to(index.device)
             version = current.version + 1
@@ -335,8 +341,8 @@ class IndexRegistry:
             )
             if entry.refit_changes is not None:
                 entry.refit_changes.append(id_vector)
-            await self._swap(entry, Snapshot(version, index, error))
-        self._maybe_refit(entry)
+            await self._swap(entry, Snapshot(version, index))
+        self._measure_error(entry)
         return version
 
     async def refit(self, name: str) -> int:
@@ -347,16 +353,37 @@ class IndexRegistry:
             raise _no_table_error(entry)
         return await asyncio.shield(self._start_refit(entry))
 
-    def _maybe_refit(self, entry: _Entry) -> None:
-        snapshot = entry.current
-        if self.refit_error_ratio <= 0 or snapshot.index is None or entry.refit_task is not None:
+    def _measure_error(self, entry: _Entry) -> None:
+        """Start measuring the quantisation error in the background, unless a measurement runs."""
+        if entry.error_task is None or entry.error_task.done():
+            task = asyncio.create_task(self._run_error_measurement(entry), name=f"error-{entry.name}")
+            entry.error_task = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _run_error_measurement(self, entry: _Entry) -> None:
+        # Measures the latest snapshot until no update arrived meanwhile, so bursts of updates cost
+        # one measurement each time the previous one finishes, not one per update.
+        while not entry.deleted:
+            snapshot = entry.current
+            if snapshot.index is None:
+                return
+            error = await self.compute(_quantization_error, snapshot.index)
+            if entry.current.index is None or entry.current.index.codebooks is not snapshot.index.codebooks:
+                return  # a new table or a refit measured its own error
+            entry.quantization_error = error
+            self._maybe_refit(entry, snapshot.index.fit_quantization_error, error)
+            if entry.current.version == snapshot.version:
+                return
+
+    def _maybe_refit(self, entry: _Entry, fitted: float, error: float) -> None:
+        if self.refit_error_ratio <= 0 or entry.refit_task is not None:
             return
-        fitted = snapshot.index.fit_quantization_error
-        if fitted > 0 and snapshot.quantization_error > self.refit_error_ratio * fitted:
+        if fitted > 0 and error > self.refit_error_ratio * fitted:
             logger.info(
                 "index %r: quantisation error %.4f exceeds %g x %.4f at the last fit; refitting",
                 entry.name,
-                snapshot.quantization_error,
+                error,
                 self.refit_error_ratio,
                 fitted,
             )
@@ -397,7 +424,8 @@ class IndexRegistry:
                 index, error = await self.compute(_replay_rows, refitted, current.index, changes)
                 version = current.version + 1
                 await self._record(Mutation("refit", entry.name, version, index=index))
-                await self._swap(entry, Snapshot(version, index, error))
+                entry.quantization_error = error
+                await self._swap(entry, Snapshot(version, index))
             logger.info("index %r version %d: codebooks refitted", entry.name, version)
             return version
         finally:
@@ -446,7 +474,7 @@ class IndexRegistry:
             status=entry.status,
             version=snapshot.version,
             num_classes=0 if index is None else index.num_classes,
-            quantization_error=snapshot.quantization_error,
+            quantization_error=entry.quantization_error,
             fit_quantization_error=0.0 if index is None else index.fit_quantization_error,
             device=str(self.device),
             error=entry.error,
@@ -475,13 +503,8 @@ def _no_table_error(entry: _Entry) -> MidxError:
 
 
 def _quantization_error(index: MidxIndex) -> float:
-    # Reading it walks the whole table, so it is computed once per snapshot on the compute pool.
+    # Reading it walks the whole table, so it runs on the compute pool, never on the event loop.
     return index.quantization_error
-
-
-def _update_rows(index: MidxIndex, ids: Any, embeddings: Any, weights: Any | None) -> tuple[MidxIndex, float]:
-    updated = index.update_rows(ids, embeddings, weights)
-    return updated, _quantization_error(updated)
 
 
 def _replay_rows(

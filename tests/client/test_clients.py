@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from midx_client import (
     AsyncRestSamplerClient,
     AsyncSamplerClient,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from midx_client import sampled_softmax_loss, sampled_softmax_loss_from_logits
 from midx_service.core import IndexConfig, MidxIndex
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-
 from midx_service.core import MidxIndex
+from scipy import stats
 
 
 def brute_force_log_q(index: MidxIndex, queries: torch.Tensor) -> torch.Tensor:

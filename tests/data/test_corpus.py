@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from midx_service.data import corpus
 from midx_service.data.corpus import Document, build_corpus, tokenize
 

@@ -6,7 +6,6 @@ import importlib
 
 import numpy as np
 import pytest
-
 from midx_service.data import glove
 
 

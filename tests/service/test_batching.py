@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import numpy as np
-
 from midx_client import AsyncRestSamplerClient, AsyncSamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
 from midx_service.core import IndexConfig, MidxIndex
 
 DIM = 8
