@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import InvalidArgumentError
-
 from tests.core.conftest import assert_draws_follow, brute_force_log_q, exact_log_softmax
 
 VARIANTS = list(itertools.product(["rq", "pq"], ["uniform", "popularity"], ["dot", "cosine"]))

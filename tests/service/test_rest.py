@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from midx_service.core import IndexConfig, MidxIndex
 
 DIM = 8
