@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
+
 from midx_service.server import SamplerServer
 from midx_service.settings import Settings, load_settings
 

@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from midx_service.settings import InvalidSettingsError, load_settings
 
 _READY_LINE = re.compile(r"REST port (\d+), gRPC port (\d+)")

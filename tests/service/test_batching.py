@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from midx_client import AsyncRestSamplerClient, AsyncSamplerClient, SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 

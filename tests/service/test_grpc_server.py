@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from midx_client._proto import sampler_pb2 as pb
 from midx_client._proto import sampler_pb2_grpc as pb_grpc
 

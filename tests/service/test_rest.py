@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from midx_client import RestSamplerClient, SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 
