@@ -34,7 +34,7 @@ def from_json(value: Any, name: str, dtype: type[np.generic]) -> np.ndarray:
 
 
 def from_tensor(dtype: str, shape: list[int], data: bytes, name: str, allowed: dict[str, np.dtype[Any]]) -> np.ndarray:
-    """Return a protobuf tensor {dtype, shape, little-endian data} as a writable array."""
+    """Return a protobuf tensor {dtype, shape, little-endian data} as a read-only array over `data`."""
     if dtype not in allowed:
         raise InvalidArgumentError(f"{name}.dtype is {dtype!r}; expected one of {sorted(allowed)}")
     if any(size < 0 for size in shape):
@@ -46,8 +46,8 @@ def from_tensor(dtype: str, shape: list[int], data: bytes, name: str, allowed: d
             f"{name} has shape {list(shape)} of {dtype}, which needs {expected} bytes, but data has "
             f"{len(data)} bytes; send shape and data of the same array"
         )
-    # A copy, because arrays over the message's bytes are read-only and torch expects writable memory.
-    return np.frombuffer(data, dtype=wire_dtype).reshape(tuple(shape)).copy()
+    # No copy: the index core reads request arrays without writing to them and copies what it keeps.
+    return np.frombuffer(data, dtype=wire_dtype).reshape(tuple(shape))
 
 
 def load_npy(body: bytes, name: str) -> np.ndarray:

@@ -175,10 +175,12 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
     async def UpdateEmbeddings(
         self, request: _pb.UpdateEmbeddingsRequest, context: grpc.aio.ServicerContext
     ) -> _pb.UpdateEmbeddingsResponse:
-        weights = _floats(request.weights, "weights") if request.HasField("weights") else None
-        version = await self._service.update_embeddings(
-            request.name, _ids(request.ids, "ids"), _floats(request.embeddings, "embeddings"), weights
-        )
+        # Copies, unlike the read-only views sampling reads: the registry keeps the update's arrays
+        # and hands them to the persistence store.
+        weights = _floats(request.weights, "weights").copy() if request.HasField("weights") else None
+        ids = _ids(request.ids, "ids").copy()
+        embeddings = _floats(request.embeddings, "embeddings").copy()
+        version = await self._service.update_embeddings(request.name, ids, embeddings, weights)
         return _pb.UpdateEmbeddingsResponse(version=version)
 
     @_rpc

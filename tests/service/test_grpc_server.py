@@ -56,6 +56,12 @@ def _code(call: Any) -> grpc.StatusCode:
     return failure.value.code()
 
 
+def _failure(call: Any) -> Any:
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    return failure.value
+
+
 def _message(call: Any) -> str:
     with pytest.raises(grpc.RpcError) as failure:
         call()
@@ -166,6 +172,37 @@ def test_message_above_limit_is_resource_exhausted(start_server: Any) -> None:
         code = _code(lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=1)))
 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_batch_and_num_samples_above_limit_are_resource_exhausted(start_server: Any, table: np.ndarray) -> None:
+    running = start_server(max_batch=3, max_num_samples=10)
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        stub = pb_grpc.SamplerStub(channel)
+        stub.CreateIndex(pb.CreateIndexRequest(name="words", config=pb.IndexConfig(dim=DIM, num_codewords=8)))
+        chunk = pb.UploadEmbeddingsRequest(name="words", num_rows=NUM_CLASSES, embeddings=_tensor(table))
+        stub.UploadEmbeddings(iter([chunk]))
+
+        def sample(rows: int, num_samples: int) -> Any:
+            request = pb.SampleRequest(name="words", queries=_tensor(_queries(rows)), num_samples=num_samples)
+            return stub.Sample(request)
+
+        def log_prob(rows: int) -> Any:
+            ids = np.zeros((rows, 1), np.int64)
+            return stub.LogProb(pb.LogProbRequest(name="words", queries=_tensor(_queries(rows)), ids=_tensor(ids)))
+
+        batch = _failure(lambda: sample(4, 2))
+        too_many = _failure(lambda: sample(2, 11))
+        log_prob_batch = _failure(lambda: log_prob(4))
+        too_few = _code(lambda: sample(2, 0))
+        allowed = sample(3, 10)
+
+    assert batch.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "MIDX_MAX_BATCH" in batch.details()
+    assert too_many.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "MIDX_MAX_NUM_SAMPLES" in too_many.details()
+    assert log_prob_batch.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert too_few == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(allowed.ids.shape) == [3, 10]
 
 
 def test_table_above_limit_is_resource_exhausted(start_server: Any, table: np.ndarray) -> None:
