@@ -51,13 +51,17 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, body: str) -> None:
-    """Write `body` between the core-benchmark markers of `path`, keeping the rest of the file."""
-    section = f"{START_MARKER}\n{body}{END_MARKER}\n"
+def replace_section(path: Path, body: str, name: str = "core-benchmark") -> None:
+    """Write `body` between the `<!-- {name}:start -->` and `<!-- {name}:end -->` markers of `path`.
+
+    The rest of the file is kept; without the markers, the section is appended.
+    """
+    start_marker, end_marker = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start_marker}\n{body}{end_marker}\n"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    if START_MARKER in text and END_MARKER in text:
-        before = text[: text.index(START_MARKER)]
-        after = text[text.index(END_MARKER) + len(END_MARKER) :].lstrip("\n")
+    if start_marker in text and end_marker in text:
+        before = text[: text.index(start_marker)]
+        after = text[text.index(end_marker) + len(end_marker) :].lstrip("\n")
         text = before + section + ("\n" + after if after else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
