@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from midx_service.allocator import keep_freed_buffers
 from midx_service.registry import MutationStore
 from midx_service.server import SamplerServer
 from midx_service.settings import InvalidSettingsError, Settings, load_settings
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     except InvalidSettingsError as error:
         print(f"midx-sampler serve: {error}", file=sys.stderr)
         return 2
+    keep_freed_buffers()
     try:
         asyncio.run(_serve(settings, store))
     except OSError as error:  # a port in use, a certificate that cannot be read
