@@ -10,19 +10,28 @@ Persistence hook: `MutationStore` is the seam for a durable layer (a local direc
 registry calls `append(mutation)` after the next snapshot is built and BEFORE it is swapped in or
 acknowledged, for every kind of mutation: "create", "upload", "update", "refit" and "delete". If
 `append` raises, the mutation is rejected with UnavailableError and the index stays as it was. At
-start-up `IndexRegistry.restore()` calls `load()` and installs each returned `RestoredIndex` (config,
-version and, when the index has a table, a `MidxIndex.state_dict()`). The default `InMemoryStore`
-records nothing and restores nothing. The front ends never see the store.
+start-up `IndexRegistry.restore()` calls `load()`, installs each returned `RestoredIndex` (config,
+version and, when the index has a table, a `MidxIndex.state_dict()`), then calls `start(registry)`;
+`close()` calls the store's `close()`. The default `InMemoryStore` records nothing and restores nothing.
+The front ends never see the store.
+
+Replicas: several registries may share one store. The store orders their mutations: `append` raises
+`StaleVersionError` when another replica recorded a mutation for that version first, and the registry
+then waits until it has applied the newer versions (the store delivers them through
+`apply_replicated`, `install_replicated` and `remove_replicated`) and builds the mutation again on
+top of them. So every replica applies the same mutations in the same order. A store may also
+serialise codebook refits across replicas through `refit_lock`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -31,6 +40,7 @@ import numpy as np
 import torch
 
 from midx_service.core import IndexConfig, MidxIndex
+from midx_service.core.validation import as_float_matrix, as_weight_vector
 from midx_service.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -47,6 +57,11 @@ T = TypeVar("T")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 MutationKind = Literal["create", "upload", "update", "refit", "delete"]
+
+# How many times a mutation is rebuilt on newer versions from other replicas before it is rejected.
+_MAX_COMMIT_ATTEMPTS = 20
+# How long a writer waits for this replica to apply the versions another replica recorded first.
+_CATCH_UP_TIMEOUT_SECONDS = 30.0
 
 
 class IndexStatus(str, enum.Enum):
@@ -87,8 +102,10 @@ class Mutation:
 
     version: the version the index has once this mutation is applied. `index` is the new snapshot
     (None for "create" and "delete"); a store may save `index.state_dict()` instead of replaying the
-    delta. ids (U,) int64, embeddings (U, D) or (N, D) float32 and weights are the request's values
-    for "upload" and "update"; config is set for "create".
+    delta. For "update", ids (U,) int64, embeddings (U, D) float32 and weights (U,) float64 are the
+    request's values on the CPU, before any normalisation, so replaying them with
+    `MidxIndex.update_rows` repeats the writer's computation; for "upload" they are the new index's
+    table and weights. config is set for "create".
     """
 
     kind: MutationKind
@@ -111,12 +128,36 @@ class RestoredIndex:
     state: dict[str, Any] | None = None
 
 
+class StaleVersionError(Exception):
+    """Raised by `MutationStore.append` when another replica already recorded a mutation for that version.
+
+    version: the newest version the store holds for the index; the registry applies up to it and retries.
+    """
+
+    def __init__(self, name: str, version: int) -> None:
+        super().__init__(f"index {name!r} is at version {version} in the store")
+        self.name = name
+        self.version = version
+
+
 class MutationStore(Protocol):
     """Durable record of mutations; see the module docstring for when each method is called."""
 
     async def load(self) -> list[RestoredIndex]: ...
 
     async def append(self, mutation: Mutation) -> None: ...
+
+    async def start(self, registry: IndexRegistry) -> None:
+        """Begin background work (following other replicas, periodic snapshots) once restored."""
+
+    async def close(self) -> None:
+        """Finish background work, write final snapshots and release connections."""
+
+    def refit_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the right to refit index `name`, waiting while another replica holds it."""
+
+    def problem(self) -> str | None:
+        """Describe why mutations are being rejected (e.g. the store is unreachable), or None."""
 
 
 class InMemoryStore:
@@ -126,6 +167,19 @@ class InMemoryStore:
         return []
 
     async def append(self, mutation: Mutation) -> None:
+        return None
+
+    async def start(self, registry: IndexRegistry) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def refit_lock(self, name: str) -> AsyncIterator[None]:
+        yield
+
+    def problem(self) -> str | None:
         return None
 
 
@@ -140,6 +194,8 @@ class _Entry:
     deleted: bool = False
     # Incremented by every table upload, so a refit of a replaced table is dropped.
     table_generation: int = 0
+    # Incremented by every refit applied here, whichever replica ran it.
+    refit_count: int = 0
     # Ids changed by row updates while a refit runs; they are re-encoded with the new codebooks.
     refit_changes: list[torch.Tensor] | None = None
     refit_task: asyncio.Task[int] | None = None
@@ -178,7 +234,7 @@ class IndexRegistry:
     # ------------------------------------------------------------------------------ life cycle
 
     async def restore(self) -> None:
-        """Install the indexes the store recovered; call once before serving."""
+        """Install the indexes the store recovered, then start the store; call once before serving."""
         for restored in await self.store.load():
             snapshot = Snapshot(restored.version, None)
             if restored.state is not None:
@@ -188,12 +244,17 @@ class IndexRegistry:
             entry.status = IndexStatus.READY if snapshot.index is not None else IndexStatus.EMPTY
             self._entries[restored.name] = entry
             logger.info("index %r restored at version %d", restored.name, restored.version)
+        await self.store.start(self)
 
     async def close(self) -> None:
-        """Cancel background refits and stop the compute pool (running computations finish first)."""
+        """Cancel background refits, close the store and stop the compute pool.
+
+        Running computations finish first; the store writes its final snapshots before the pool stops.
+        """
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def compute(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -212,6 +273,18 @@ class IndexRegistry:
     def ready(self) -> bool:
         """True when every index is ready (and so when there is none)."""
         return all(entry.status is IndexStatus.READY for entry in self._entries.values())
+
+    def persistence_problem(self) -> str | None:
+        """Why mutations are being rejected by the store (e.g. Redis is unreachable), or None."""
+        return self.store.problem()
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def current(self, name: str) -> Snapshot | None:
+        """Return the current snapshot of index `name` whatever its status, or None when there is no such index."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry.current
 
     async def snapshot(self, name: str, min_version: int | None = None) -> Snapshot:
         """Return the current snapshot of a ready index, first waiting for `min_version` if given.
@@ -275,69 +348,62 @@ class IndexRegistry:
     async def upload(self, name: str, embeddings: Any, weights: Any | None = None) -> int:
         """Build the index from the whole (N, D) table and swap it in; return the new version."""
         entry = self._entry(name)
-        async with entry.write_lock:
-            self._check_live(entry)
-            previous_status = entry.status
-            entry.status = IndexStatus.BUILDING
-            started = time.perf_counter()
-            try:
-                index, error = await self.compute(self._build, entry.config, embeddings, weights)
-                version = entry.current.version + 1
-                await self._record(
-                    Mutation(
-                        "upload",
-                        name,
-                        version,
-                        embeddings=index.embeddings,
-                        weights=index.weights,
-                        index=index,
-                    )
-                )
-            except MidxError:
-                entry.status = previous_status
-                raise
-            except Exception as failure:
-                logger.exception("building index %r failed", name)
-                if entry.current.index is None:
-                    entry.status, entry.error = IndexStatus.FAILED, f"build failed: {failure}"
-                else:
-                    entry.status = previous_status
-                raise
-            entry.table_generation += 1
-            entry.build_seconds = time.perf_counter() - started
-            entry.status, entry.error = IndexStatus.READY, ""
-            await self._swap(entry, Snapshot(version, index, error))
-        logger.info("index %r version %d: table of %d classes uploaded", name, version, index.num_classes)
-        return version
+        started = time.perf_counter()
+        built: list[tuple[MidxIndex, float]] = []
+        previous_status: list[IndexStatus] = []
+
+        async def prepare(current: Snapshot) -> tuple[Mutation, Snapshot]:
+            # Built once, under the writer lock; a retry after another replica's write reuses it.
+            if not built:
+                previous_status.append(entry.status)
+                entry.status = IndexStatus.BUILDING
+                built.append(await self.compute(self._build, entry.config, embeddings, weights))
+            index, error = built[0]
+            version = current.version + 1
+            mutation = Mutation(
+                "upload", name, version, embeddings=index.embeddings, weights=index.weights, index=index
+            )
+            return mutation, Snapshot(version, index, error)
+
+        try:
+            snapshot = await self._commit(entry, prepare)
+        except MidxError:
+            if previous_status and entry.status is IndexStatus.BUILDING:
+                entry.status = previous_status[0]
+            raise
+        except Exception as failure:
+            logger.exception("building index %r failed", name)
+            if entry.current.index is None:
+                entry.status, entry.error = IndexStatus.FAILED, f"build failed: {failure}"
+            elif previous_status:
+                entry.status = previous_status[0]
+            raise
+        assert snapshot is not None and snapshot.index is not None
+        entry.build_seconds = time.perf_counter() - started
+        logger.info(
+            "index %r version %d: table of %d classes uploaded", name, snapshot.version, snapshot.index.num_classes
+        )
+        return snapshot.version
 
     async def update(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         """Replace or append rows, re-encoding only them; return the new version."""
         entry = self._entry(name)
-        async with entry.write_lock:
-            self._check_live(entry)
-            current = entry.current
+
+        async def prepare(current: Snapshot) -> tuple[Mutation, Snapshot]:
             if current.index is None:
                 raise _no_table_error(entry)
-            index, error = await self.compute(_update_rows, current.index, ids, embeddings, weights)
-            id_vector = torch.as_tensor(np.asarray(ids), dtype=torch.int64).reshape(-1)
-            rows = id_vector.to(index.device)
+            index, error, request = await self.compute(_update_rows, current.index, ids, embeddings, weights)
             version = current.version + 1
-            await self._record(
-                Mutation(
-                    "update",
-                    name,
-                    version,
-                    ids=id_vector,
-                    embeddings=index.embeddings[rows],
-                    weights=None if weights is None or index.weights is None else index.weights[rows],
-                    index=index,
-                )
+            request_ids, request_rows, request_weights = request
+            mutation = Mutation(
+                "update", name, version, ids=request_ids, embeddings=request_rows, weights=request_weights, index=index
             )
-            if entry.refit_changes is not None:
-                entry.refit_changes.append(id_vector)
-            await self._swap(entry, Snapshot(version, index, error))
+            return mutation, Snapshot(version, index, error)
+
+        snapshot = await self._commit(entry, prepare)
+        assert snapshot is not None
         self._maybe_refit(entry)
-        return version
+        return snapshot.version
 
     async def refit(self, name: str) -> int:
         """Refit the codebooks now (or join a running refit); return the version that contains them."""
@@ -378,30 +444,120 @@ class IndexRegistry:
             logger.error("refit of index %r failed: %s", entry.name, task.exception())
 
     async def _run_refit(self, entry: _Entry) -> int:
-        base = entry.current
-        if base.index is None:
-            raise _no_table_error(entry)
-        generation = entry.table_generation
-        entry.refit_changes = []
+        refits_before = entry.refit_count
+        async with self.store.refit_lock(entry.name):
+            self._check_live(entry)
+            if entry.refit_count != refits_before:
+                # Another replica refitted while this one waited for the lock; its codebooks are here now.
+                return entry.current.version
+            base = entry.current
+            if base.index is None:
+                raise _no_table_error(entry)
+            generation = entry.table_generation
+            entry.refit_changes = []
+            try:
+                refitted = await self.compute(base.index.refit, seed=self.seed)
+
+                async def prepare(current: Snapshot) -> tuple[Mutation, Snapshot] | None:
+                    if entry.table_generation != generation or current.index is None:
+                        # A new table replaced the refitted one while k-means ran; its build fitted
+                        # fresh codebooks, so this result is dropped.
+                        return None
+                    changes = entry.refit_changes
+                    index, error = await self.compute(_replay_rows, refitted, current.index, changes)
+                    version = current.version + 1
+                    return Mutation("refit", entry.name, version, index=index), Snapshot(version, index, error)
+
+                snapshot = await self._commit(entry, prepare)
+            finally:
+                entry.refit_changes = None
+        if snapshot is None:
+            return entry.current.version
+        logger.info("index %r version %d: codebooks refitted", entry.name, snapshot.version)
+        return snapshot.version
+
+    # ---------------------------------------------------------------------------- replication
+
+    async def apply_replicated(
+        self,
+        name: str,
+        kind: MutationKind,
+        version: int,
+        build: Callable[[MidxIndex | None, int], MidxIndex],
+        *,
+        changed_ids: torch.Tensor | None = None,
+    ) -> bool:
+        """Apply a mutation the store recorded (from another replica, or one this replica could not confirm).
+
+        `build(index, current_version)` runs on the compute pool under the writer lock and returns the
+        index at `version`; it may raise to leave the index unchanged (e.g. when entries are missing).
+        kind is the mutation's kind ("upload" for a whole new state); changed_ids lists the rows an
+        "update" changed. Returns False, without calling `build`, when the index already has `version`.
+        """
+        entry = self._entry(name)
+        async with entry.write_lock:
+            self._check_live(entry)
+            current = entry.current
+            if current.version >= version:
+                return False
+            index = await self.compute(build, current.index, current.version)
+            error = await self.compute(_quantization_error, index)
+            self._note_mutation(entry, kind, changed_ids)
+            entry.status, entry.error = IndexStatus.READY, ""
+            await self._swap(entry, Snapshot(version, index, error))
+        logger.debug("index %r version %d: %s applied from the store", name, version, kind)
+        return True
+
+    async def install_replicated(
+        self, name: str, config: IndexConfig, version: int, index: MidxIndex | None = None
+    ) -> None:
+        """Create index `name`, or replace its whole state, as the store holds it (whatever the version)."""
+        _check_name(name)
+        error = 0.0 if index is None else await self.compute(_quantization_error, index)
+        snapshot = Snapshot(version, index, error)
+        status = IndexStatus.EMPTY if index is None else IndexStatus.READY
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = _Entry(name, config, snapshot, status=status)
+            self._entries[name] = entry
+            logger.info("index %r installed from the store at version %d", name, version)
+            return
+        async with entry.write_lock:
+            entry.config = config
+            entry.table_generation += 1
+            entry.status, entry.error = status, ""
+            await self._swap(entry, snapshot)
+        logger.info("index %r replaced from the store at version %d", name, version)
+
+    async def remove_replicated(self, name: str) -> None:
+        """Drop index `name` because the store deleted it; no-op when it is not here."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        if entry.refit_task is not None:
+            entry.refit_task.cancel()
+        async with entry.write_lock:
+            entry.deleted = True
+            if self._entries.get(name) is entry:
+                del self._entries[name]
+        async with entry.changed:
+            entry.changed.notify_all()
+        logger.info("index %r deleted through the store", name)
+
+    async def wait_for_version(self, name: str, version: int, timeout_seconds: float) -> bool:
+        """Wait until index `name` reaches `version`; False when it does not within the timeout or is gone."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return False
         try:
-            refitted = await self.compute(base.index.refit, seed=self.seed)
-            async with entry.write_lock:
-                self._check_live(entry)
-                if entry.table_generation != generation:
-                    # A new table replaced the refitted one while k-means ran; its build fitted fresh
-                    # codebooks, so this result is dropped.
-                    return entry.current.version
-                current = entry.current
-                assert current.index is not None
-                changes = entry.refit_changes
-                index, error = await self.compute(_replay_rows, refitted, current.index, changes)
-                version = current.version + 1
-                await self._record(Mutation("refit", entry.name, version, index=index))
-                await self._swap(entry, Snapshot(version, index, error))
-            logger.info("index %r version %d: codebooks refitted", entry.name, version)
-            return version
-        finally:
-            entry.refit_changes = None
+            async with entry.changed:
+                await asyncio.wait_for(
+                    entry.changed.wait_for(lambda: entry.deleted or entry.current.version >= version),
+                    timeout_seconds,
+                )
+        except asyncio.TimeoutError:
+            return False
+        return not entry.deleted
 
     # -------------------------------------------------------------------------------- helpers
 
@@ -409,10 +565,57 @@ class IndexRegistry:
         index = MidxIndex.build(config, embeddings, weights, device=self.device, seed=self.seed)
         return index, _quantization_error(index)
 
+    async def _commit(
+        self, entry: _Entry, prepare: Callable[[Snapshot], Awaitable[tuple[Mutation, Snapshot] | None]]
+    ) -> Snapshot | None:
+        """Record the mutation `prepare` builds on the current snapshot, then swap it in and return it.
+
+        When the store says another replica recorded that version first, wait until this registry
+        has applied the newer versions and prepare again on top of them, so every replica applies
+        mutations in the store's order. Returns None when `prepare` returns None (nothing to record).
+        """
+        for _ in range(_MAX_COMMIT_ATTEMPTS):
+            async with entry.write_lock:
+                self._check_live(entry)
+                prepared = await prepare(entry.current)
+                if prepared is None:
+                    return None
+                mutation, snapshot = prepared
+                try:
+                    await self._record(mutation)
+                except StaleVersionError as stale:
+                    newer = stale.version
+                else:
+                    self._note_mutation(entry, mutation.kind, mutation.ids)
+                    entry.status, entry.error = IndexStatus.READY, ""
+                    await self._swap(entry, snapshot)
+                    return snapshot
+            logger.debug("index %r: version %d was recorded by another replica first; retrying", entry.name, newer)
+            if not await self.wait_for_version(entry.name, newer, _CATCH_UP_TIMEOUT_SECONDS):
+                self._check_live(entry)
+                raise UnavailableError(
+                    f"index {entry.name!r} is at version {newer} in the store, and this replica did not apply "
+                    f"it within {_CATCH_UP_TIMEOUT_SECONDS:g} s; the mutation was not applied, retry it"
+                )
+        raise UnavailableError(
+            f"index {entry.name!r} changed through other replicas {_MAX_COMMIT_ATTEMPTS} times while this "
+            "mutation was being recorded; it was not applied, retry it"
+        )
+
+    @staticmethod
+    def _note_mutation(entry: _Entry, kind: MutationKind, changed_ids: torch.Tensor | None) -> None:
+        """Update the bookkeeping a running refit relies on; call under the writer lock, with the swap."""
+        if kind == "upload":
+            entry.table_generation += 1
+        elif kind == "refit":
+            entry.refit_count += 1
+        elif kind == "update" and entry.refit_changes is not None and changed_ids is not None:
+            entry.refit_changes.append(changed_ids)
+
     async def _record(self, mutation: Mutation) -> None:
         try:
             await self.store.append(mutation)
-        except MidxError:
+        except (MidxError, StaleVersionError):
             raise
         except Exception as error:
             logger.error("recording %s of index %r failed: %s", mutation.kind, mutation.name, error)
@@ -467,12 +670,10 @@ def _no_table_error(entry: _Entry) -> MidxError:
         return UnavailableError(f"index {entry.name!r} is building its first table; retry when it is ready")
     if entry.status is IndexStatus.FAILED:
         return FailedPreconditionError(
-            f"index {entry.name!r} has no table because its build failed ({entry.error}); "
-            "upload the table again"
+            f"index {entry.name!r} has no table because its build failed ({entry.error}); upload the table again"
         )
     return FailedPreconditionError(
-        f"index {entry.name!r} has no table yet; upload embeddings first "
-        f"(PUT /v1/indexes/{entry.name}/embeddings)"
+        f"index {entry.name!r} has no table yet; upload embeddings first (PUT /v1/indexes/{entry.name}/embeddings)"
     )
 
 
@@ -481,9 +682,16 @@ def _quantization_error(index: MidxIndex) -> float:
     return index.quantization_error
 
 
-def _update_rows(index: MidxIndex, ids: Any, embeddings: Any, weights: Any | None) -> tuple[MidxIndex, float]:
+def _update_rows(
+    index: MidxIndex, ids: Any, embeddings: Any, weights: Any | None
+) -> tuple[MidxIndex, float, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Return the updated index, its quantisation error and the request's (ids, rows, weights) on the CPU."""
     updated = index.update_rows(ids, embeddings, weights)
-    return updated, _quantization_error(updated)
+    cpu = torch.device("cpu")
+    id_vector = torch.as_tensor(np.asarray(ids), dtype=torch.int64).reshape(-1)
+    rows = as_float_matrix(embeddings, "embeddings", index.config.dim, cpu)
+    weight_vector = None if weights is None else as_weight_vector(weights, "weights", rows.shape[0], cpu)
+    return updated, _quantization_error(updated), (id_vector, rows, weight_vector)
 
 
 def _replay_rows(

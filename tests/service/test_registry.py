@@ -15,7 +15,7 @@ from midx_service.errors import (
     NotFoundError,
     UnavailableError,
 )
-from midx_service.registry import IndexRegistry, IndexStatus, Mutation, RestoredIndex
+from midx_service.registry import InMemoryStore, IndexRegistry, IndexStatus, Mutation, RestoredIndex
 
 DIM = 6
 NUM_CLASSES = 200
@@ -26,7 +26,7 @@ def _table(seed: int = 0, rows: int = NUM_CLASSES) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
 
 
-class RecordingStore:
+class RecordingStore(InMemoryStore):
     """Records mutations; fails on demand; restores what it is given."""
 
     def __init__(self, restored: list[RestoredIndex] | None = None) -> None:
