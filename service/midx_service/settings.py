@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+
+_REDIS_PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class InvalidSettingsError(ValueError):
@@ -28,8 +31,19 @@ class Settings(BaseSettings):
         "auto", description="torch device of the indexes: auto (cuda when present), cpu, cuda"
     )
     redis_url: str | None = Field(None, description="Redis URL for persistence; unset keeps state in memory")
+    redis_prefix: str = Field(
+        "midx", description="prefix of every Redis key the server writes; servers with one prefix are replicas"
+    )
     data_dir: Path | None = Field(
-        None, description="directory for local snapshots; unset keeps state in memory"
+        None, description="directory for the mutation log and snapshots; unset keeps state in memory"
+    )
+    snapshot_interval_seconds: float = Field(
+        300.0,
+        ge=0.0,
+        description="seconds between snapshots of changed indexes, which shorten recovery (0: only on refit and stop)",
+    )
+    snapshot_chunk_bytes: int = Field(
+        64 * MIB, ge=4096, le=256 * MIB, description="largest chunk of a snapshot or mutation entry, in bytes"
     )
     api_token: SecretStr | None = Field(None, description="bearer token required on every non-health route")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain for gRPC TLS")
@@ -83,12 +97,35 @@ class Settings(BaseSettings):
             raise ValueError(f"must be 0 (never refit) or above 1, got {value}")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
+        return value
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _check_redis_prefix(cls, value: str) -> str:
+        if not _REDIS_PREFIX.match(value):
+            raise ValueError(f"must be 1 to 64 letters, digits, '.', '_', '-' or ':', got {value!r}")
+        return value
+
     @field_validator("tls_cert_file", "tls_key_file")
     @classmethod
     def _check_path(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():
             raise ValueError(f"{str(value)!r} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _check_one_store(self) -> Settings:
+        if self.redis_url is not None and self.data_dir is not None:
+            raise ValueError(
+                "redis_url and data_dir are both set (MIDX_REDIS_URL, MIDX_DATA_DIR); set one: Redis keeps "
+                "its own log and snapshots, the data directory is for servers without Redis"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
