@@ -10,16 +10,20 @@ from typing import Any
 
 import pytest
 
+from midx_service.persistence import create_store
 from midx_service.server import SamplerServer
 from midx_service.settings import Settings, load_settings
 
 
 class RunningServer:
-    """A `SamplerServer` running on its own event loop in a background thread."""
+    """A `SamplerServer` running on its own event loop in a background thread.
+
+    Its store is the one the settings ask for (Redis, a data directory, or none).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.server = SamplerServer(settings)
+        self.server = SamplerServer(settings, store=create_store(settings))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
 

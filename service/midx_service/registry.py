@@ -229,6 +229,8 @@ class IndexRegistry:
         self.seed = seed
         self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="midx-compute")
         self._entries: dict[str, _Entry] = {}
+        # Notified when an index is added, so a min_version request can wait for a replica's create.
+        self._added = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------------------ life cycle
@@ -289,9 +291,13 @@ class IndexRegistry:
     async def snapshot(self, name: str, min_version: int | None = None) -> Snapshot:
         """Return the current snapshot of a ready index, first waiting for `min_version` if given.
 
-        Raises NotFoundError, FailedPreconditionError (no table yet, a failed build, or min_version
-        not reached within min_version_timeout_seconds) or UnavailableError (first build running).
+        With min_version, an index that does not exist yet is waited for too (another replica may
+        have created it a moment ago). Raises NotFoundError, FailedPreconditionError (no table yet,
+        a failed build, or min_version not reached within min_version_timeout_seconds) or
+        UnavailableError (first build running).
         """
+        if min_version is not None and name not in self._entries:
+            await self._wait_for_index(name)
         entry = self._entry(name)
         if min_version is not None and entry.current.version < min_version:
             await self._wait_for_version(entry, min_version)
@@ -301,6 +307,18 @@ class IndexRegistry:
         if snapshot.index is None:
             raise _no_table_error(entry)
         return snapshot
+
+    async def _wait_for_index(self, name: str) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with self._added:
+                await asyncio.wait_for(
+                    self._added.wait_for(lambda: name in self._entries), self.min_version_timeout_seconds
+                )
+
+    async def _add_entry(self, entry: _Entry) -> None:
+        self._entries[entry.name] = entry
+        async with self._added:
+            self._added.notify_all()
 
     async def _wait_for_version(self, entry: _Entry, min_version: int) -> None:
         timeout = self.min_version_timeout_seconds
@@ -327,7 +345,7 @@ class IndexRegistry:
         await self._record(Mutation("create", name, 0, config=config))
         if name in self._entries:  # created by a concurrent request while the store was writing
             raise AlreadyExistsError(f"index {name!r} exists already; delete it first or pick another name")
-        self._entries[name] = entry
+        await self._add_entry(entry)
         logger.info("index %r created: %s", name, config.to_dict())
         return self._state(entry)
 
@@ -518,8 +536,7 @@ class IndexRegistry:
         status = IndexStatus.EMPTY if index is None else IndexStatus.READY
         entry = self._entries.get(name)
         if entry is None:
-            entry = _Entry(name, config, snapshot, status=status)
-            self._entries[name] = entry
+            await self._add_entry(_Entry(name, config, snapshot, status=status))
             logger.info("index %r installed from the store at version %d", name, version)
             return
         async with entry.write_lock:
@@ -670,10 +687,12 @@ def _no_table_error(entry: _Entry) -> MidxError:
         return UnavailableError(f"index {entry.name!r} is building its first table; retry when it is ready")
     if entry.status is IndexStatus.FAILED:
         return FailedPreconditionError(
-            f"index {entry.name!r} has no table because its build failed ({entry.error}); upload the table again"
+            f"index {entry.name!r} has no table because its build failed ({entry.error}); "
+            "upload the table again"
         )
     return FailedPreconditionError(
-        f"index {entry.name!r} has no table yet; upload embeddings first (PUT /v1/indexes/{entry.name}/embeddings)"
+        f"index {entry.name!r} has no table yet; upload embeddings first "
+        f"(PUT /v1/indexes/{entry.name}/embeddings)"
     )
 
 

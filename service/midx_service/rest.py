@@ -367,6 +367,10 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
     @health.get(
         "/readyz",
         summary="Every index is ready (503 while any is building or failed, or while stopping)",
+        description=(
+            "With persistence down, the answer stays 200 because sampling goes on from memory, but its "
+            'status is "degraded" and `persistence` says why mutations are rejected.'
+        ),
         responses=_error_responses(503),
     )
     async def readyz() -> Any:
@@ -379,6 +383,9 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         ]
         if not_ready:
             return _error_response(503, "unavailable", f"indexes not ready: {', '.join(not_ready)}")
+        problem = service.persistence_problem()
+        if problem is not None:
+            return {"status": "degraded", "persistence": problem}
         return {"status": "ready"}
 
     api = APIRouter(prefix="/v1", tags=["indexes"], dependencies=[Depends(require_token)])

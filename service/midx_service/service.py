@@ -69,6 +69,10 @@ class SamplerService:
     def ready(self) -> bool:
         return self.registry.ready()
 
+    def persistence_problem(self) -> str | None:
+        """Why mutations are being rejected by persistence (Redis or the data directory), or None."""
+        return self.registry.persistence_problem()
+
     # ---------------------------------------------------------------------------- mutations
 
     def check_table_bytes(self, num_bytes: int) -> None:

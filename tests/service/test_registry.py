@@ -15,7 +15,7 @@ from midx_service.errors import (
     NotFoundError,
     UnavailableError,
 )
-from midx_service.registry import InMemoryStore, IndexRegistry, IndexStatus, Mutation, RestoredIndex
+from midx_service.registry import IndexRegistry, IndexStatus, InMemoryStore, Mutation, RestoredIndex
 
 DIM = 6
 NUM_CLASSES = 200
