@@ -57,18 +57,14 @@ def stale_files(expected_dir: Path, actual_dir: Path) -> list[str]:
     expected = {path.name for path in expected_dir.iterdir() if path.is_file()}
     actual = {path.name for path in actual_dir.iterdir() if path.is_file()} if actual_dir.is_dir() else set()
     differing = {
-        name
-        for name in expected & actual
-        if not filecmp.cmp(expected_dir / name, actual_dir / name, shallow=False)
+        name for name in expected & actual if not filecmp.cmp(expected_dir / name, actual_dir / name, shallow=False)
     }
     return sorted((expected ^ actual) | differing)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--check", action="store_true", help="exit with status 1 if the checked-in code is out of date"
-    )
+    parser.add_argument("--check", action="store_true", help="exit with status 1 if the checked-in code is out of date")
     args = parser.parse_args()
 
     if not args.check:

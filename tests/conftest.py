@@ -9,7 +9,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-
 from midx_service.persistence import create_store
 from midx_service.server import SamplerServer
 from midx_service.settings import Settings, load_settings

@@ -20,9 +20,7 @@ from midx_client.types import LogProbResult, SampleResult
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
-def index_config(
-    dim: int, num_codewords: int, quantizer: str, last_stage: str, metric: str
-) -> dict[str, Any]:
+def index_config(dim: int, num_codewords: int, quantizer: str, last_stage: str, metric: str) -> dict[str, Any]:
     return {
         "dim": dim,
         "num_codewords": num_codewords,
@@ -89,9 +87,7 @@ def sample_result_from_proto(response: _pb.SampleResponse, output: Output) -> Sa
     )
 
 
-def log_prob_request(
-    name: str, queries: Any, ids: Any, sampler: str, min_version: int | None
-) -> _pb.LogProbRequest:
+def log_prob_request(name: str, queries: Any, ids: Any, sampler: str, min_version: int | None) -> _pb.LogProbRequest:
     return _pb.LogProbRequest(
         name=name,
         queries=tensor_to_proto(to_numpy(queries, "float32")),
@@ -102,9 +98,7 @@ def log_prob_request(
 
 
 def log_prob_result_from_proto(response: _pb.LogProbResponse, output: Output) -> LogProbResult:
-    return LogProbResult(
-        log_q=as_output(tensor_from_proto(response.log_q), output), version=int(response.version)
-    )
+    return LogProbResult(log_q=as_output(tensor_from_proto(response.log_q), output), version=int(response.version))
 
 
 def update_request(name: str, ids: Any, embeddings: Any, weights: Any | None) -> _pb.UpdateEmbeddingsRequest:
@@ -179,9 +173,7 @@ def log_prob_body(queries: Any, ids: Any, sampler: str, min_version: int | None)
     return body
 
 
-def log_prob_result_from_json(
-    body: dict[str, Any], num_rows: int, num_ids: int, output: Output
-) -> LogProbResult:
+def log_prob_result_from_json(body: dict[str, Any], num_rows: int, num_ids: int, output: Output) -> LogProbResult:
     log_q = _matrix_from_json(body["log_q"], num_rows, num_ids, "float32")
     return LogProbResult(log_q=as_output(log_q, output), version=int(body["version"]))
 

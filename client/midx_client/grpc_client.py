@@ -165,9 +165,7 @@ class SamplerClient:
         return info_from_proto(info)
 
     def get_index(self, name: str) -> IndexInfo:
-        return info_from_proto(
-            self._call(self._stub.GetIndex, _pb.GetIndexRequest(name=name), idempotent=True)
-        )
+        return info_from_proto(self._call(self._stub.GetIndex, _pb.GetIndexRequest(name=name), idempotent=True))
 
     def list_indexes(self) -> list[IndexInfo]:
         response = self._call(self._stub.ListIndexes, _pb.ListIndexesRequest(), idempotent=True)
@@ -180,9 +178,7 @@ class SamplerClient:
         self, name: str, embeddings: Any, weights: Any | None = None, *, progress: bool = False
     ) -> int:
         """Upload the whole (N, D) table (and optional (N,) weights) in chunks; return the new version."""
-        response = self._call(
-            self._stub.UploadEmbeddings, _upload_chunks(name, embeddings, weights, progress)
-        )
+        response = self._call(self._stub.UploadEmbeddings, _upload_chunks(name, embeddings, weights, progress))
         return int(response.version)
 
     def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
@@ -207,9 +203,7 @@ class SamplerClient:
         request = _requests.sample_request(
             name, queries, num_samples, positives, exclude_positives, sampler, seed, min_version
         )
-        return _requests.sample_result_from_proto(
-            self._call(self._stub.Sample, request, idempotent=True), output
-        )
+        return _requests.sample_result_from_proto(self._call(self._stub.Sample, request, idempotent=True), output)
 
     def log_prob(
         self,
@@ -223,9 +217,7 @@ class SamplerClient:
     ) -> LogProbResult:
         """Return log Q of the (B, P) `ids` for each of the (B, D) queries."""
         request = _requests.log_prob_request(name, queries, ids, sampler, min_version)
-        return _requests.log_prob_result_from_proto(
-            self._call(self._stub.LogProb, request, idempotent=True), output
-        )
+        return _requests.log_prob_result_from_proto(self._call(self._stub.LogProb, request, idempotent=True), output)
 
     def rebuild(self, name: str) -> int:
         """Refit the index's codebooks now; return the version that contains them."""
@@ -266,9 +258,7 @@ class AsyncSamplerClient:
         self.timeout_seconds = timeout_seconds
         self.retries = retries
 
-    async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, *, idempotent: bool = False
-    ) -> T:
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *, idempotent: bool = False) -> T:
         attempt = 0
         while True:
             try:
@@ -313,9 +303,7 @@ class AsyncSamplerClient:
         response = await self._call(self._stub.UploadEmbeddings, chunks)
         return int(response.version)
 
-    async def update_embeddings(
-        self, name: str, ids: Any, embeddings: Any, weights: Any | None = None
-    ) -> int:
+    async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         request = _requests.update_request(name, ids, embeddings, weights)
         return int((await self._call(self._stub.UpdateEmbeddings, request)).version)
 

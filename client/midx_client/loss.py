@@ -52,20 +52,12 @@ def sampled_softmax_loss(
     batch, dim = queries.shape
     if positive_embeddings.dim() == 2:
         positive_embeddings = positive_embeddings.unsqueeze(1)
-    if (
-        positive_embeddings.dim() != 3
-        or positive_embeddings.shape[0] != batch
-        or positive_embeddings.shape[2] != dim
-    ):
+    if positive_embeddings.dim() != 3 or positive_embeddings.shape[0] != batch or positive_embeddings.shape[2] != dim:
         raise ValueError(
             f"positive_embeddings must be ({batch}, {dim}) or ({batch}, P, {dim}) for queries of shape "
             f"({batch}, {dim}), got {tuple(positive_embeddings.shape)}"
         )
-    if (
-        negative_embeddings.dim() != 3
-        or negative_embeddings.shape[0] != batch
-        or negative_embeddings.shape[2] != dim
-    ):
+    if negative_embeddings.dim() != 3 or negative_embeddings.shape[0] != batch or negative_embeddings.shape[2] != dim:
         raise ValueError(
             f"negative_embeddings must be ({batch}, M, {dim}) for queries of shape ({batch}, {dim}), "
             f"got {tuple(negative_embeddings.shape)}"

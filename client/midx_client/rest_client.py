@@ -139,9 +139,7 @@ class RestSamplerClient:
 
     def _post_json(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> Any:
         headers = {"content-type": "application/json"}
-        return self._request(
-            "POST", path, content=_json_content(body), headers=headers, idempotent=idempotent
-        )
+        return self._request("POST", path, content=_json_content(body), headers=headers, idempotent=idempotent)
 
     def create_index(
         self,
@@ -196,9 +194,7 @@ class RestSamplerClient:
         min_version: int | None = None,
         output: Output = "numpy",
     ) -> SampleResult:
-        body = _requests.sample_body(
-            queries, num_samples, positives, exclude_positives, sampler, seed, min_version
-        )
+        body = _requests.sample_body(queries, num_samples, positives, exclude_positives, sampler, seed, min_version)
         response = self._post_json(f"/v1/indexes/{name}/sample", body, idempotent=True)
         num_positives = len(body["positives"][0]) if body.get("positives") else 0
         return _requests.sample_result_from_json(
@@ -269,9 +265,7 @@ class AsyncRestSamplerClient:
 
     async def _post_json(self, path: str, body: dict[str, Any], *, idempotent: bool = False) -> Any:
         headers = {"content-type": "application/json"}
-        return await self._request(
-            "POST", path, content=_json_content(body), headers=headers, idempotent=idempotent
-        )
+        return await self._request("POST", path, content=_json_content(body), headers=headers, idempotent=idempotent)
 
     async def create_index(
         self,
@@ -309,14 +303,10 @@ class AsyncRestSamplerClient:
         )
         return int(response["version"])
 
-    async def update_embeddings(
-        self, name: str, ids: Any, embeddings: Any, weights: Any | None = None
-    ) -> int:
+    async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         headers = {"content-type": "application/json"}
         content = _json_content(_requests.update_body(ids, embeddings, weights))
-        response = await self._request(
-            "PATCH", f"/v1/indexes/{name}/embeddings", content=content, headers=headers
-        )
+        response = await self._request("PATCH", f"/v1/indexes/{name}/embeddings", content=content, headers=headers)
         return int(response["version"])
 
     async def sample(
@@ -332,9 +322,7 @@ class AsyncRestSamplerClient:
         min_version: int | None = None,
         output: Output = "numpy",
     ) -> SampleResult:
-        body = _requests.sample_body(
-            queries, num_samples, positives, exclude_positives, sampler, seed, min_version
-        )
+        body = _requests.sample_body(queries, num_samples, positives, exclude_positives, sampler, seed, min_version)
         response = await self._post_json(f"/v1/indexes/{name}/sample", body, idempotent=True)
         num_positives = len(body["positives"][0]) if body.get("positives") else 0
         return _requests.sample_result_from_json(

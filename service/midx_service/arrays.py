@@ -33,9 +33,7 @@ def from_json(value: Any, name: str, dtype: type[np.generic]) -> np.ndarray:
         ) from None
 
 
-def from_tensor(
-    dtype: str, shape: list[int], data: bytes, name: str, allowed: dict[str, np.dtype[Any]]
-) -> np.ndarray:
+def from_tensor(dtype: str, shape: list[int], data: bytes, name: str, allowed: dict[str, np.dtype[Any]]) -> np.ndarray:
     """Return a protobuf tensor {dtype, shape, little-endian data} as a writable array."""
     if dtype not in allowed:
         raise InvalidArgumentError(f"{name}.dtype is {dtype!r}; expected one of {sorted(allowed)}")

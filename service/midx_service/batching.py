@@ -126,9 +126,7 @@ class SampleBatcher:
         assert index is not None
 
         if len(live) == 1:
-            await self._settle(
-                live[0][1], self._registry.compute(_sample, index, live[0][0]), snapshot.version
-            )
+            await self._settle(live[0][1], self._registry.compute(_sample, index, live[0][0]), snapshot.version)
             return
 
         rows = sum(call.queries.shape[0] for call, _ in live)

@@ -17,9 +17,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="midx-sampler", description="MIDX adaptive negative-sampling service"
-    )
+    parser = argparse.ArgumentParser(prog="midx-sampler", description="MIDX adaptive negative-sampling service")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     modules = {}
@@ -32,9 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue  # a command whose module is not part of this build
         modules[name] = module
         doc = (module.__doc__ or "").strip().splitlines()
-        command_parser = subparsers.add_parser(
-            name, help=doc[0] if doc else None, description=doc[0] if doc else None
-        )
+        command_parser = subparsers.add_parser(name, help=doc[0] if doc else None, description=doc[0] if doc else None)
         module.add_arguments(command_parser)
     args = parser.parse_args(argv)
     logging.basicConfig(

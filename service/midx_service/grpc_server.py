@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import numpy as np
-
 from midx_client._proto import sampler_pb2 as _pb
 from midx_client._proto import sampler_pb2_grpc as _pb_grpc
+
 from midx_service.arrays import FLOAT_DTYPES, ID_DTYPES, from_tensor
 from midx_service.errors import (
     AlreadyExistsError,
@@ -131,9 +131,7 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
         self._service = service
 
     @_rpc
-    async def CreateIndex(
-        self, request: _pb.CreateIndexRequest, context: grpc.aio.ServicerContext
-    ) -> _pb.IndexInfo:
+    async def CreateIndex(self, request: _pb.CreateIndexRequest, context: grpc.aio.ServicerContext) -> _pb.IndexInfo:
         if not request.HasField("config"):
             raise InvalidArgumentError("config is required: give at least config.dim")
         config = request.config
@@ -144,9 +142,7 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
         return _info(await self._service.create_index(request.name, options))
 
     @_rpc
-    async def GetIndex(
-        self, request: _pb.GetIndexRequest, context: grpc.aio.ServicerContext
-    ) -> _pb.IndexInfo:
+    async def GetIndex(self, request: _pb.GetIndexRequest, context: grpc.aio.ServicerContext) -> _pb.IndexInfo:
         return _info(self._service.get_index(request.name))
 
     @_rpc
@@ -170,9 +166,7 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
         async for chunk in request_iterator:
             upload.add(chunk)
         table, weights = upload.finish()
-        return _pb.UploadEmbeddingsResponse(
-            version=await self._service.upload_embeddings(upload.name, table, weights)
-        )
+        return _pb.UploadEmbeddingsResponse(version=await self._service.upload_embeddings(upload.name, table, weights))
 
     @_rpc
     async def UpdateEmbeddings(
@@ -185,9 +179,7 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
         return _pb.UpdateEmbeddingsResponse(version=version)
 
     @_rpc
-    async def Sample(
-        self, request: _pb.SampleRequest, context: grpc.aio.ServicerContext
-    ) -> _pb.SampleResponse:
+    async def Sample(self, request: _pb.SampleRequest, context: grpc.aio.ServicerContext) -> _pb.SampleResponse:
         positives = _ids(request.positives, "positives") if request.HasField("positives") else None
         answer = await self._service.sample(
             request.name,
@@ -199,17 +191,13 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
             seed=request.seed if request.HasField("seed") else None,
             min_version=request.min_version if request.HasField("min_version") else None,
         )
-        response = _pb.SampleResponse(
-            ids=_tensor(answer.ids), log_q=_tensor(answer.log_q), version=answer.version
-        )
+        response = _pb.SampleResponse(ids=_tensor(answer.ids), log_q=_tensor(answer.log_q), version=answer.version)
         if answer.positive_log_q is not None:
             response.positive_log_q.CopyFrom(_tensor(answer.positive_log_q))
         return response
 
     @_rpc
-    async def LogProb(
-        self, request: _pb.LogProbRequest, context: grpc.aio.ServicerContext
-    ) -> _pb.LogProbResponse:
+    async def LogProb(self, request: _pb.LogProbRequest, context: grpc.aio.ServicerContext) -> _pb.LogProbResponse:
         answer = await self._service.log_prob(
             request.name,
             _floats(request.queries, "queries"),
@@ -220,9 +208,7 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
         return _pb.LogProbResponse(log_q=_tensor(answer.log_q), version=answer.version)
 
     @_rpc
-    async def Rebuild(
-        self, request: _pb.RebuildRequest, context: grpc.aio.ServicerContext
-    ) -> _pb.RebuildResponse:
+    async def Rebuild(self, request: _pb.RebuildRequest, context: grpc.aio.ServicerContext) -> _pb.RebuildResponse:
         return _pb.RebuildResponse(version=await self._service.rebuild(request.name))
 
 
@@ -243,9 +229,7 @@ class _Upload:
         if self._table is None:
             self._start(chunk)
         elif chunk.name and chunk.name != self.name:
-            raise InvalidArgumentError(
-                f"chunk names index {chunk.name!r} but the upload is for {self.name!r}"
-            )
+            raise InvalidArgumentError(f"chunk names index {chunk.name!r} but the upload is for {self.name!r}")
         assert self._table is not None
         if chunk.sha256:
             self._expected_digest = chunk.sha256
@@ -261,9 +245,7 @@ class _Upload:
         )
         dim = self._table.shape[1]
         if rows.ndim != 2 or rows.shape[1] != dim:
-            raise InvalidArgumentError(
-                f"chunk embeddings must have shape (rows, {dim}), got {list(rows.shape)}"
-            )
+            raise InvalidArgumentError(f"chunk embeddings must have shape (rows, {dim}), got {list(rows.shape)}")
         stop = self._rows + rows.shape[0]
         if stop > self._table.shape[0]:
             raise InvalidArgumentError(
@@ -280,8 +262,7 @@ class _Upload:
             )
             if weights.shape != (rows.shape[0],):
                 raise InvalidArgumentError(
-                    f"chunk weights must have shape ({rows.shape[0]},), one per row, "
-                    f"got {list(weights.shape)}"
+                    f"chunk weights must have shape ({rows.shape[0]},), one per row, got {list(weights.shape)}"
                 )
             self._weights[self._rows : stop] = weights
             self._weight_parts.append(weights)
@@ -311,8 +292,7 @@ class _Upload:
             self._digest.update(part.tobytes())
         if self._expected_digest and not hmac.compare_digest(self._expected_digest, self._digest.digest()):
             raise InvalidArgumentError(
-                "the table's SHA-256 does not match the sha256 the client sent; the upload was corrupted, "
-                "send it again"
+                "the table's SHA-256 does not match the sha256 the client sent; the upload was corrupted, send it again"
             )
         return self._table, self._weights
 
@@ -330,11 +310,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
-        if (
-            handler is None
-            or method.startswith(HEALTH_METHOD_PREFIX)
-            or self._authorised(handler_call_details)
-        ):
+        if handler is None or method.startswith(HEALTH_METHOD_PREFIX) or self._authorised(handler_call_details):
             return handler
 
         async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -356,7 +332,5 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 text = value.decode() if isinstance(value, bytes) else value
                 scheme, _, received = text.partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(
-                    received.strip().encode(), self._token
-                )
+                return scheme.lower() == "bearer" and hmac.compare_digest(received.strip().encode(), self._token)
         return False

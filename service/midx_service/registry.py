@@ -77,7 +77,6 @@ class Snapshot:
 
     version: int
     index: MidxIndex | None
-    quantization_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +115,15 @@ class Mutation:
     embeddings: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     index: MidxIndex | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A mutation ready to record, the snapshot it produces and, when known, that snapshot's quantisation error."""
+
+    mutation: Mutation
+    snapshot: Snapshot
+    quantization_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,10 @@ class _Entry:
     # Ids changed by row updates while a refit runs; they are re-encoded with the new codebooks.
     refit_changes: list[torch.Tensor] | None = None
     refit_task: asyncio.Task[int] | None = None
+    # Measuring the quantisation error walks the whole table, so row updates leave it to a background
+    # task. The value lags the current version until that task catches up.
+    quantization_error: float = 0.0
+    error_task: asyncio.Task[None] | None = None
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -239,10 +251,12 @@ class IndexRegistry:
         """Install the indexes the store recovered, then start the store; call once before serving."""
         for restored in await self.store.load():
             snapshot = Snapshot(restored.version, None)
+            error = 0.0
             if restored.state is not None:
                 index = await self.compute(MidxIndex.from_state_dict, restored.state, self.device)
-                snapshot = Snapshot(restored.version, index, await self.compute(_quantization_error, index))
-            entry = _Entry(restored.name, restored.config, snapshot)
+                snapshot = Snapshot(restored.version, index)
+                error = await self.compute(_quantization_error, index)
+            entry = _Entry(restored.name, restored.config, snapshot, quantization_error=error)
             entry.status = IndexStatus.READY if snapshot.index is not None else IndexStatus.EMPTY
             self._entries[restored.name] = entry
             logger.info("index %r restored at version %d", restored.name, restored.version)
@@ -370,7 +384,7 @@ class IndexRegistry:
         built: list[tuple[MidxIndex, float]] = []
         previous_status: list[IndexStatus] = []
 
-        async def prepare(current: Snapshot) -> tuple[Mutation, Snapshot]:
+        async def prepare(current: Snapshot) -> _Prepared:
             # Built once, under the writer lock; a retry after another replica's write reuses it.
             if not built:
                 previous_status.append(entry.status)
@@ -381,7 +395,7 @@ class IndexRegistry:
             mutation = Mutation(
                 "upload", name, version, embeddings=index.embeddings, weights=index.weights, index=index
             )
-            return mutation, Snapshot(version, index, error)
+            return _Prepared(mutation, Snapshot(version, index), error)
 
         try:
             snapshot = await self._commit(entry, prepare)
@@ -407,20 +421,20 @@ class IndexRegistry:
         """Replace or append rows, re-encoding only them; return the new version."""
         entry = self._entry(name)
 
-        async def prepare(current: Snapshot) -> tuple[Mutation, Snapshot]:
+        async def prepare(current: Snapshot) -> _Prepared:
             if current.index is None:
                 raise _no_table_error(entry)
-            index, error, request = await self.compute(_update_rows, current.index, ids, embeddings, weights)
+            index, request = await self.compute(_update_rows, current.index, ids, embeddings, weights)
             version = current.version + 1
             request_ids, request_rows, request_weights = request
             mutation = Mutation(
                 "update", name, version, ids=request_ids, embeddings=request_rows, weights=request_weights, index=index
             )
-            return mutation, Snapshot(version, index, error)
+            return _Prepared(mutation, Snapshot(version, index))
 
         snapshot = await self._commit(entry, prepare)
         assert snapshot is not None
-        self._maybe_refit(entry)
+        self._measure_error(entry)
         return snapshot.version
 
     async def refit(self, name: str) -> int:
@@ -431,16 +445,37 @@ class IndexRegistry:
             raise _no_table_error(entry)
         return await asyncio.shield(self._start_refit(entry))
 
-    def _maybe_refit(self, entry: _Entry) -> None:
-        snapshot = entry.current
-        if self.refit_error_ratio <= 0 or snapshot.index is None or entry.refit_task is not None:
+    def _measure_error(self, entry: _Entry) -> None:
+        """Start measuring the quantisation error in the background, unless a measurement runs."""
+        if entry.error_task is None or entry.error_task.done():
+            task = asyncio.create_task(self._run_error_measurement(entry), name=f"error-{entry.name}")
+            entry.error_task = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _run_error_measurement(self, entry: _Entry) -> None:
+        # Measures the latest snapshot until no update arrived meanwhile, so bursts of updates cost
+        # one measurement each time the previous one finishes, not one per update.
+        while not entry.deleted:
+            snapshot = entry.current
+            if snapshot.index is None:
+                return
+            error = await self.compute(_quantization_error, snapshot.index)
+            if entry.current.index is None or entry.current.index.codebooks is not snapshot.index.codebooks:
+                return  # a new table or a refit measured its own error
+            entry.quantization_error = error
+            self._maybe_refit(entry, snapshot.index.fit_quantization_error, error)
+            if entry.current.version == snapshot.version:
+                return
+
+    def _maybe_refit(self, entry: _Entry, fitted: float, error: float) -> None:
+        if self.refit_error_ratio <= 0 or entry.refit_task is not None:
             return
-        fitted = snapshot.index.fit_quantization_error
-        if fitted > 0 and snapshot.quantization_error > self.refit_error_ratio * fitted:
+        if fitted > 0 and error > self.refit_error_ratio * fitted:
             logger.info(
                 "index %r: quantisation error %.4f exceeds %g x %.4f at the last fit; refitting",
                 entry.name,
-                snapshot.quantization_error,
+                error,
                 self.refit_error_ratio,
                 fitted,
             )
@@ -476,7 +511,7 @@ class IndexRegistry:
             try:
                 refitted = await self.compute(base.index.refit, seed=self.seed)
 
-                async def prepare(current: Snapshot) -> tuple[Mutation, Snapshot] | None:
+                async def prepare(current: Snapshot) -> _Prepared | None:
                     if entry.table_generation != generation or current.index is None:
                         # A new table replaced the refitted one while k-means ran; its build fitted
                         # fresh codebooks, so this result is dropped.
@@ -484,7 +519,9 @@ class IndexRegistry:
                     changes = entry.refit_changes
                     index, error = await self.compute(_replay_rows, refitted, current.index, changes)
                     version = current.version + 1
-                    return Mutation("refit", entry.name, version, index=index), Snapshot(version, index, error)
+                    return _Prepared(
+                        Mutation("refit", entry.name, version, index=index), Snapshot(version, index), error
+                    )
 
                 snapshot = await self._commit(entry, prepare)
             finally:
@@ -519,10 +556,13 @@ class IndexRegistry:
             if current.version >= version:
                 return False
             index = await self.compute(build, current.index, current.version)
-            error = await self.compute(_quantization_error, index)
+            if kind != "update":
+                entry.quantization_error = await self.compute(_quantization_error, index)
             self._note_mutation(entry, kind, changed_ids)
             entry.status, entry.error = IndexStatus.READY, ""
-            await self._swap(entry, Snapshot(version, index, error))
+            await self._swap(entry, Snapshot(version, index))
+        if kind == "update":
+            self._measure_error(entry)
         logger.debug("index %r version %d: %s applied from the store", name, version, kind)
         return True
 
@@ -532,17 +572,18 @@ class IndexRegistry:
         """Create index `name`, or replace its whole state, as the store holds it (whatever the version)."""
         _check_name(name)
         error = 0.0 if index is None else await self.compute(_quantization_error, index)
-        snapshot = Snapshot(version, index, error)
+        snapshot = Snapshot(version, index)
         status = IndexStatus.EMPTY if index is None else IndexStatus.READY
         entry = self._entries.get(name)
         if entry is None:
-            await self._add_entry(_Entry(name, config, snapshot, status=status))
+            await self._add_entry(_Entry(name, config, snapshot, status=status, quantization_error=error))
             logger.info("index %r installed from the store at version %d", name, version)
             return
         async with entry.write_lock:
             entry.config = config
             entry.table_generation += 1
             entry.status, entry.error = status, ""
+            entry.quantization_error = error
             await self._swap(entry, snapshot)
         logger.info("index %r replaced from the store at version %d", name, version)
 
@@ -583,7 +624,7 @@ class IndexRegistry:
         return index, _quantization_error(index)
 
     async def _commit(
-        self, entry: _Entry, prepare: Callable[[Snapshot], Awaitable[tuple[Mutation, Snapshot] | None]]
+        self, entry: _Entry, prepare: Callable[[Snapshot], Awaitable[_Prepared | None]]
     ) -> Snapshot | None:
         """Record the mutation `prepare` builds on the current snapshot, then swap it in and return it.
 
@@ -597,16 +638,17 @@ class IndexRegistry:
                 prepared = await prepare(entry.current)
                 if prepared is None:
                     return None
-                mutation, snapshot = prepared
                 try:
-                    await self._record(mutation)
+                    await self._record(prepared.mutation)
                 except StaleVersionError as stale:
                     newer = stale.version
                 else:
-                    self._note_mutation(entry, mutation.kind, mutation.ids)
+                    self._note_mutation(entry, prepared.mutation.kind, prepared.mutation.ids)
                     entry.status, entry.error = IndexStatus.READY, ""
-                    await self._swap(entry, snapshot)
-                    return snapshot
+                    if prepared.quantization_error is not None:
+                        entry.quantization_error = prepared.quantization_error
+                    await self._swap(entry, prepared.snapshot)
+                    return prepared.snapshot
             logger.debug("index %r: version %d was recorded by another replica first; retrying", entry.name, newer)
             if not await self.wait_for_version(entry.name, newer, _CATCH_UP_TIMEOUT_SECONDS):
                 self._check_live(entry)
@@ -666,7 +708,7 @@ class IndexRegistry:
             status=entry.status,
             version=snapshot.version,
             num_classes=0 if index is None else index.num_classes,
-            quantization_error=snapshot.quantization_error,
+            quantization_error=entry.quantization_error,
             fit_quantization_error=0.0 if index is None else index.fit_quantization_error,
             device=str(self.device),
             error=entry.error,
@@ -687,30 +729,28 @@ def _no_table_error(entry: _Entry) -> MidxError:
         return UnavailableError(f"index {entry.name!r} is building its first table; retry when it is ready")
     if entry.status is IndexStatus.FAILED:
         return FailedPreconditionError(
-            f"index {entry.name!r} has no table because its build failed ({entry.error}); "
-            "upload the table again"
+            f"index {entry.name!r} has no table because its build failed ({entry.error}); upload the table again"
         )
     return FailedPreconditionError(
-        f"index {entry.name!r} has no table yet; upload embeddings first "
-        f"(PUT /v1/indexes/{entry.name}/embeddings)"
+        f"index {entry.name!r} has no table yet; upload embeddings first (PUT /v1/indexes/{entry.name}/embeddings)"
     )
 
 
 def _quantization_error(index: MidxIndex) -> float:
-    # Reading it walks the whole table, so it is computed once per snapshot on the compute pool.
+    # Reading it walks the whole table, so it runs on the compute pool, never on the event loop.
     return index.quantization_error
 
 
 def _update_rows(
     index: MidxIndex, ids: Any, embeddings: Any, weights: Any | None
-) -> tuple[MidxIndex, float, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Return the updated index, its quantisation error and the request's (ids, rows, weights) on the CPU."""
+) -> tuple[MidxIndex, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Return the updated index and the request's (ids, rows, weights) on the CPU."""
     updated = index.update_rows(ids, embeddings, weights)
     cpu = torch.device("cpu")
     id_vector = torch.as_tensor(np.asarray(ids), dtype=torch.int64).reshape(-1)
     rows = as_float_matrix(embeddings, "embeddings", index.config.dim, cpu)
     weight_vector = None if weights is None else as_weight_vector(weights, "weights", rows.shape[0], cpu)
-    return updated, _quantization_error(updated), (id_vector, rows, weight_vector)
+    return updated, (id_vector, rows, weight_vector)
 
 
 def _replay_rows(

@@ -212,9 +212,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ResourceExhaustedError(
-                f"the body is more than {limit} bytes, above the limit (MIDX_MAX_BODY_BYTES)"
-            )
+            raise ResourceExhaustedError(f"the body is more than {limit} bytes, above the limit (MIDX_MAX_BODY_BYTES)")
     return bytes(body)
 
 
@@ -233,8 +231,7 @@ def _check_digest(request: Request, body: bytes) -> None:
             raise InvalidArgumentError(f"Content-Digest {header!r} is not valid base64") from None
         if not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
             raise InvalidArgumentError(
-                "the body's SHA-256 does not match its Content-Digest header; the upload was corrupted, "
-                "send it again"
+                "the body's SHA-256 does not match its Content-Digest header; the upload was corrupted, send it again"
             )
         return
 
@@ -269,8 +266,7 @@ def _table_arrays(request: Request, body: bytes) -> tuple[np.ndarray, np.ndarray
             None if weights is None else from_json(weights, "weights", np.float64),
         )
     raise InvalidArgumentError(
-        f"Content-Type {media_type!r} is not supported; send application/json, {NPY_CONTENT_TYPE} "
-        f"or {NPZ_CONTENT_TYPE}"
+        f"Content-Type {media_type!r} is not supported; send application/json, {NPY_CONTENT_TYPE} or {NPZ_CONTENT_TYPE}"
     )
 
 
@@ -339,8 +335,7 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-            for problem in error.errors()[:5]
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()[:5]
         )
         return _error_response(422, "invalid_argument", f"the body does not match the schema: {problems}")
 
@@ -377,9 +372,7 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         if is_stopping():
             return _error_response(503, "unavailable", "the server is stopping")
         not_ready = [
-            f"{state.name} ({state.status.value})"
-            for state in service.list_indexes()
-            if state.status.value != "ready"
+            f"{state.name} ({state.status.value})" for state in service.list_indexes() if state.status.value != "ready"
         ]
         if not_ready:
             return _error_response(503, "unavailable", f"indexes not ready: {', '.join(not_ready)}")
@@ -402,9 +395,7 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         state = await service.create_index(name, body.model_dump())
         return JSONResponse(_info_body(state), status_code=201)
 
-    @api.get(
-        "/indexes", summary="List the indexes", response_model=IndexListBody, responses=_error_responses(401)
-    )
+    @api.get("/indexes", summary="List the indexes", response_model=IndexListBody, responses=_error_responses(401))
     async def list_indexes() -> Any:
         return {"indexes": [_info_body(state) for state in service.list_indexes()]}
 
@@ -443,8 +434,7 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         response_model=VersionBody,
         responses=_error_responses(400, 401, 404, 409, 413, 503),
         openapi_extra=_binary_body_doc(
-            "JSON {ids, embeddings, weights?} or a .npz file with arrays `ids`, `embeddings` and optionally "
-            "`weights`.",
+            "JSON {ids, embeddings, weights?} or a .npz file with arrays `ids`, `embeddings` and optionally `weights`.",
             "UpdateEmbeddingsBody",
         ),
     )
@@ -476,9 +466,7 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
             {
                 "ids": answer.ids.tolist(),
                 "log_q": json_floats(answer.log_q),
-                "positive_log_q": None
-                if answer.positive_log_q is None
-                else json_floats(answer.positive_log_q),
+                "positive_log_q": None if answer.positive_log_q is None else json_floats(answer.positive_log_q),
                 "version": answer.version,
             }
         )

@@ -87,9 +87,7 @@ class SamplerService:
     async def upload_embeddings(self, name: str, embeddings: Any, weights: Any | None = None) -> int:
         return await self.registry.upload(name, embeddings, weights)
 
-    async def update_embeddings(
-        self, name: str, ids: Any, embeddings: Any, weights: Any | None = None
-    ) -> int:
+    async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         return await self.registry.update(name, ids, embeddings, weights)
 
     async def rebuild(self, name: str) -> int:

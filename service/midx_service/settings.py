@@ -27,9 +27,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address both front ends listen on (0.0.0.0 for all)")
     http_port: int = Field(8000, ge=0, le=65535, description="REST port (0 picks a free port)")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free port)")
-    device: str = Field(
-        "auto", description="torch device of the indexes: auto (cuda when present), cpu, cuda"
-    )
+    device: str = Field("auto", description="torch device of the indexes: auto (cuda when present), cpu, cuda")
     redis_url: str | None = Field(None, description="Redis URL for persistence; unset keeps state in memory")
     redis_prefix: str = Field(
         "midx", description="prefix of every Redis key the server writes; servers with one prefix are replicas"

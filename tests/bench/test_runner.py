@@ -12,14 +12,25 @@ from midx_service.core import IndexConfig, MidxIndex
 
 from tests.core.conftest import assert_draws_follow, brute_force_log_q
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def result():
     generator = np.random.default_rng(0)
     table = generator.standard_normal((3000, 8)).astype(np.float32)
     queries = generator.standard_normal((1024, 8)).astype(np.float32) * 0.5
-    plan = BenchPlan(codewords=(8, 64), scaling_sizes=(1000, 6000), kl_queries=32, repeats=1, exact_repeats=1)
-    return run_benchmark(table, queries, plan, table_name="synthetic")
+    training = generator.standard_normal((64, 8)).astype(np.float32) * 0.5
+    plan = BenchPlan(
+        codewords=(8, 64),
+        scaling_sizes=(1000, 6000),
+        kl_queries=32,
+        repeats=1,
+        exact_repeats=1,
+        learned_codewords=(8,),
+        learning_seconds=5.0,
+    )
+    return run_benchmark(table, queries, plan, training_queries=training, table_name="synthetic")
 
 
 def test_benchmark_reports_every_figure(result):
@@ -37,6 +48,7 @@ def test_benchmark_reports_every_figure(result):
     assert set(kl_entries) == {
         ("uniform", None),
         ("unigram", None),
+        ("midx-rq-kl", 8),
         *((f"midx-{q}", k) for q in ("rq", "pq") for k in (8, 64)),
     }
     assert all(value >= -1e-9 for value in kl_entries.values())

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from midx_client import (
     AsyncRestSamplerClient,
     AsyncSamplerClient,
@@ -50,9 +49,7 @@ def test_full_workflow(client: Any, table: np.ndarray) -> None:
     info = client.get_index("words")
     sample = client.sample("words", _queries(), 5, positives=np.arange(4).reshape(4, 1))
     updated = client.update_embeddings("words", [0, NUM_CLASSES], np.ones((2, DIM), np.float32))
-    log_prob = client.log_prob(
-        "words", _queries(), np.array([[0], [1], [2], [NUM_CLASSES]]), min_version=updated
-    )
+    log_prob = client.log_prob("words", _queries(), np.array([[0], [1], [2], [NUM_CLASSES]]), min_version=updated)
     rebuilt = client.rebuild("words")
     listed = client.list_indexes()
     client.delete_index("words")

@@ -14,7 +14,6 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from midx_service.settings import InvalidSettingsError, load_settings
 
 _READY_LINE = re.compile(r"REST port (\d+), gRPC port (\d+)")
@@ -30,9 +29,7 @@ def _serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[s
     )
 
 
-def _wait_for_ports(
-    process: subprocess.Popen[str], deadline_seconds: float = 60.0
-) -> tuple[int, int, list[str]]:
+def _wait_for_ports(process: subprocess.Popen[str], deadline_seconds: float = 60.0) -> tuple[int, int, list[str]]:
     assert process.stderr is not None
     lines: list[str] = []
     deadline = time.monotonic() + deadline_seconds
@@ -61,9 +58,7 @@ def test_sigterm_stops_gracefully(served: subprocess.Popen[str]) -> None:
     http_port, grpc_port, lines = _wait_for_ports(served)
     assert httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=10
-        )
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
     served.send_signal(signal.SIGTERM)

@@ -131,7 +131,7 @@ def test_tail_class_log_q_stays_finite():
     torch.testing.assert_close(log_q, torch.tensor([[0.0, -200.0]]), atol=1e-4, rtol=0)
 
 
-def test_queries_of_large_norm_use_the_log_space_path(table):
+def test_sample_large_norm_queries(table):
     index = build(table, num_codewords=6)
     queries = torch.randn(3, 8, generator=torch.Generator().manual_seed(4)) * 300
 
@@ -338,3 +338,14 @@ def test_build_rejects_bad_weights(table, options, weights, message):
 def test_config_rejects_bad_options(options, message):
     with pytest.raises(InvalidArgumentError, match=message):
         IndexConfig(dim=8, **options)
+
+
+def test_update_keeps_quantisation_error_exact(table):
+    index = build(table, num_codewords=4)
+    rows = torch.randn(30, 8, generator=torch.Generator().manual_seed(4)) * 4
+    rows[3] = 0.0
+
+    updated = index.update_rows(torch.cat([torch.arange(0, 50, 2), torch.arange(300, 305)]), rows)
+
+    rebuilt = MidxIndex.from_state_dict(updated.state_dict())
+    assert updated.quantization_error == pytest.approx(rebuilt.quantization_error, rel=1e-9)

@@ -20,7 +20,7 @@ def test_kmeans_recovers_separated_clusters():
     torch.testing.assert_close(fitted[nearest], centres, atol=0.1, rtol=0)
 
 
-def test_kmeans_with_more_centroids_than_points_has_no_nan():
+def test_kmeans_more_centroids_than_points():
     points = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 
     fitted = kmeans(points, 5, iterations=10, generator=torch.Generator().manual_seed(3))

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import numpy as np
-
 from midx_client import AsyncRestSamplerClient, AsyncSamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 
@@ -16,10 +15,7 @@ NUM_CLASSES = 300
 
 def _histogram_total(histogram: Any, suffix: str) -> float:
     return sum(
-        sample.value
-        for metric in histogram.collect()
-        for sample in metric.samples
-        if sample.name.endswith(suffix)
+        sample.value for metric in histogram.collect() for sample in metric.samples if sample.name.endswith(suffix)
     )
 
 
@@ -39,9 +35,7 @@ def test_concurrent_requests_coalesce_and_keep_their_rows(start_server: Any) -> 
         await grpc_client.create_index("words", DIM, num_codewords=8)
         await grpc_client.upload_embeddings("words", table)
         calls = [
-            (grpc_client if i % 2 else rest_client).sample(
-                "words", queries, num_samples, positives=positives[i]
-            )
+            (grpc_client if i % 2 else rest_client).sample("words", queries, num_samples, positives=positives[i])
             for i, (queries, num_samples) in enumerate(requests)
         ]
         results = await asyncio.gather(*calls)

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from midx_client import RestSamplerClient, SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 
@@ -83,9 +82,7 @@ def test_answers_match_the_version_they_report(start_server: Any) -> None:
         if sampler == "exact":
             logits = torch.from_numpy(queries).double() @ torch.from_numpy(tables[version]).double().T
             expected = torch.log_softmax(logits, dim=1).gather(1, torch.from_numpy(ids)).numpy()
-            np.testing.assert_allclose(
-                log_q, expected, atol=1e-4, err_msg=f"exact sampler, version {version}"
-            )
+            np.testing.assert_allclose(log_q, expected, atol=1e-4, err_msg=f"exact sampler, version {version}")
         else:
             expected = references[version].log_prob(queries, ids).numpy()
             np.testing.assert_allclose(log_q, expected, atol=1e-4, err_msg=f"midx sampler, version {version}")

@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from midx_client._proto import sampler_pb2 as pb
 from midx_client._proto import sampler_pb2_grpc as pb_grpc
 
@@ -113,9 +112,7 @@ def test_sample_rejects_nan_query(stub: pb_grpc.SamplerStub, words: str) -> None
     queries = _queries()
     queries[1, 3] = np.inf
 
-    message = _message(
-        lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=2))
-    )
+    message = _message(lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=2)))
 
     assert "row 1" in message
 
@@ -165,9 +162,7 @@ def test_message_above_limit_is_resource_exhausted(start_server: Any) -> None:
     with grpc.insecure_channel(running.grpc_target) as channel:
         stub = pb_grpc.SamplerStub(channel)
 
-        code = _code(
-            lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=1))
-        )
+        code = _code(lambda: stub.Sample(pb.SampleRequest(name="words", queries=_tensor(queries), num_samples=1)))
 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -192,9 +187,7 @@ def test_health_serves_and_token_guards_sampler(start_server: Any) -> None:
 
         status = health.Check(health_pb2.HealthCheckRequest(service="midx.v1.Sampler")).status
         missing = _code(lambda: stub.ListIndexes(pb.ListIndexesRequest()))
-        wrong = _code(
-            lambda: stub.ListIndexes(pb.ListIndexesRequest(), metadata=[("authorization", "Bearer x")])
-        )
+        wrong = _code(lambda: stub.ListIndexes(pb.ListIndexesRequest(), metadata=[("authorization", "Bearer x")]))
         listed = stub.ListIndexes(pb.ListIndexesRequest(), metadata=[("authorization", "Bearer s3cret")])
 
     assert status == health_pb2.HealthCheckResponse.SERVING

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import (
     FailedPreconditionError,

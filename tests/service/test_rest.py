@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
 from midx_service.core import IndexConfig, MidxIndex
 
 DIM = 8
@@ -154,12 +153,8 @@ def test_upload_npz_with_weights_and_digest(http: httpx.Client, table: np.ndarra
     body = _npz(embeddings=table, weights=weights)
     digest = "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
 
-    response = http.put(
-        "/v1/indexes/popular/embeddings", content=body, headers={**_NPZ, "content-digest": digest}
-    )
-    log_q = http.post("/v1/indexes/popular/log-prob", json={"queries": _queries(1), "ids": [[0, 1]]}).json()[
-        "log_q"
-    ]
+    response = http.put("/v1/indexes/popular/embeddings", content=body, headers={**_NPZ, "content-digest": digest})
+    log_q = http.post("/v1/indexes/popular/log-prob", json={"queries": _queries(1), "ids": [[0, 1]]}).json()["log_q"]
 
     assert response.json() == {"version": 1}
     assert log_q[0][0] is None  # class 0 has weight 0: log Q is -inf, sent as null
@@ -203,9 +198,7 @@ def test_openapi_documents_routes_and_errors(http: httpx.Client) -> None:
 def test_sample_rejects_non_finite_query(http: httpx.Client, words: str, raw_query: str) -> None:
     content = '{"queries": [' + raw_query + '], "num_samples": 3}'
 
-    response = http.post(
-        "/v1/indexes/words/sample", content=content, headers={"content-type": "application/json"}
-    )
+    response = http.post("/v1/indexes/words/sample", content=content, headers={"content-type": "application/json"})
 
     assert response.status_code in (400, 422), response.text
     assert "NaN" in response.json()["error"]["message"] or "finite" in response.json()["error"]["message"]
@@ -216,9 +209,7 @@ def test_upload_rejects_non_finite_embeddings(http: httpx.Client, words: str, ta
     bad = table.copy()
     bad[7, 2] = np.nan
 
-    message = _error(
-        http.put("/v1/indexes/words/embeddings", content=_npy(bad), headers=_NPY), 400, "invalid_argument"
-    )
+    message = _error(http.put("/v1/indexes/words/embeddings", content=_npy(bad), headers=_NPY), 400, "invalid_argument")
 
     assert "row 7" in message
     assert _version(http) == 1
@@ -373,18 +364,14 @@ def test_body_above_limit_is_rejected(start_server: Any, table: np.ndarray) -> N
 def test_upload_rejects_digest_mismatch(http: httpx.Client, words: str, table: np.ndarray) -> None:
     digest = "sha-256=:" + base64.b64encode(hashlib.sha256(b"other").digest()).decode() + ":"
 
-    response = http.put(
-        "/v1/indexes/words/embeddings", content=_npy(table), headers={**_NPY, "content-digest": digest}
-    )
+    response = http.put("/v1/indexes/words/embeddings", content=_npy(table), headers={**_NPY, "content-digest": digest})
 
     assert "corrupted" in _error(response, 400, "invalid_argument")
     assert _version(http) == 1
 
 
 def test_min_version_times_out_with_conflict(http: httpx.Client, words: str) -> None:
-    response = http.post(
-        "/v1/indexes/words/sample", json={"queries": _queries(), "num_samples": 2, "min_version": 5}
-    )
+    response = http.post("/v1/indexes/words/sample", json={"queries": _queries(), "num_samples": 2, "min_version": 5})
 
     assert "min_version 5" in _error(response, 409, "failed_precondition")
 

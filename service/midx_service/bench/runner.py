@@ -18,6 +18,7 @@ import torch
 
 from midx_service.bench.samplers import Floor, two_stage_multinomial
 from midx_service.core import IndexConfig, MidxIndex
+from midx_service.core.learned import fit_kl_codebooks
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +36,16 @@ class BenchPlan:
     kl_queries: int
     repeats: int
     exact_repeats: int
+    learned_codewords: tuple[int, ...] = ()
+    learning_seconds: float = 60.0
 
     @classmethod
     def full(cls) -> BenchPlan:
-        return cls((32, 64, 128, 256), (40_000, 400_000, 4_000_000), 1024, 15, 2)
+        return cls((32, 64, 128, 256), (40_000, 400_000, 4_000_000), 1024, 15, 2, (32, 64, 128), 120.0)
 
     @classmethod
     def quick(cls) -> BenchPlan:
-        return cls((32, 64), (40_000, 400_000, 4_000_000), 256, 5, 1)
+        return cls((32, 64), (40_000, 400_000, 4_000_000), 256, 5, 1, (64,), 30.0)
 
 
 def run_benchmark(
@@ -50,6 +53,7 @@ def run_benchmark(
     queries: np.ndarray,
     plan: BenchPlan,
     *,
+    training_queries: np.ndarray | None = None,
     device: str = "cpu",
     table_name: str = "GloVe 6B 50d",
     progress: Callable[[str], None] = logger.info,
@@ -58,7 +62,9 @@ def run_benchmark(
 
     table: (N, D) float32 class table (GloVe rows in frequency order, which the unigram baseline's
     Zipf weights 1 / (rank + 1) rely on). queries: (Q, D) context-like query vectors; the first
-    BATCH are timed and the first plan.kl_queries enter the KL estimate.
+    BATCH are timed and the first plan.kl_queries enter the KL estimate. training_queries: (R, D)
+    queries the learned codebooks are fitted on, for each K in plan.learned_codewords; they should not
+    overlap the evaluation queries.
     """
     torch_table = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)).to(device)
     weights = 1.0 / torch.arange(1, table.shape[0] + 1, dtype=torch.float64)
@@ -106,6 +112,9 @@ def run_benchmark(
                     "quantization_error": index.quantization_error,
                 }
             )
+            if quantizer == "rq" and num_codewords in plan.learned_codewords and training_queries is not None:
+                progress(f"learning KL codebooks with K = {num_codewords} (at most {plan.learning_seconds:.0f} s)")
+                result["kl"].append(_learned_kl(index, torch_table, kl_queries, training_queries, plan))
             if quantizer == "rq":
                 progress(f"timing the two-stage multinomial sampler and the floor with K = {num_codewords}")
                 generator = torch.Generator(device=device).manual_seed(0)
@@ -153,6 +162,7 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
         "update_1000_rows_seconds": (result.get("update_1000_rows_seconds", math.nan), "< 0.05"),
         "midx_rq_kl_over_uniform_kl": (kl("midx-rq", TARGET_CODEWORDS) / kl("uniform", None), "< 0.5"),
         "midx_rq_kl_over_unigram_kl": (kl("midx-rq", TARGET_CODEWORDS) / kl("unigram", None), "< 0.5"),
+        "learned_kl_over_kmeans_kl": (kl("midx-rq-kl", TARGET_CODEWORDS) / kl("midx-rq", TARGET_CODEWORDS), "<= 0.8"),
     }
     return {
         name: {"value": value, "target": target, "met": _meets(value, target)}
@@ -244,6 +254,22 @@ def _resize_table(table: torch.Tensor, size: int, generator: torch.Generator) ->
     # Noise of a tenth of the per-coordinate spread keeps the copies distinct but on the same shape.
     spread = table.std(dim=0, keepdim=True)
     return tiled.add_(torch.randn(tiled.shape, generator=generator).mul_(0.1 * spread))
+
+
+def _learned_kl(
+    index: MidxIndex, table: torch.Tensor, kl_queries: torch.Tensor, training_queries: np.ndarray, plan: BenchPlan
+) -> dict[str, Any]:
+    train = torch.from_numpy(np.ascontiguousarray(training_queries, dtype=np.float32)).to(table.device)
+    learned, report = fit_kl_codebooks(index, train, max_steps=10_000, time_budget_seconds=plan.learning_seconds)
+    return {
+        "sampler": "midx-rq-kl",
+        "num_codewords": index.config.num_codewords,
+        "kl": _kl(table, learned, kl_queries, "midx"),
+        "quantization_error": learned.quantization_error,
+        "accepted": report.accepted,
+        "learning_seconds": report.seconds,
+        "training_queries": report.num_train_queries,
+    }
 
 
 def _kl(table: torch.Tensor, index: MidxIndex, queries: torch.Tensor, sampler: str) -> float:

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("loading the GloVe table and context queries")
     table, _ = load_glove()
     queries = context_queries(max(1024, plan.kl_queries), seed=0)
-    result = run_benchmark(table, queries, plan, device=args.device)
+    training_queries = context_queries(2048, seed=1)
+    result = run_benchmark(table, queries, plan, training_queries=training_queries, device=args.device)
     command = "midx-sampler bench" + (" --quick" if args.quick else "")
     logger.info("benchmark finished in %.0f s", time.perf_counter() - started)
 

@@ -20,9 +20,9 @@ from midx_service.core.cells import Cells, build_cells
 from midx_service.core.config import SAMPLERS, IndexConfig, SampleResult
 from midx_service.core.draw import (
     Exclusions,
+    below_one,
     draw_from_cumsum,
     draw_in_segments,
-    uniform_below,
 )
 from midx_service.core.quantizer import Codebooks, fit_codebooks
 from midx_service.core.validation import (
@@ -66,6 +66,7 @@ class MidxIndex:
         row_error: torch.Tensor,
         fit_quantization_error: float,
         codebook_fit: str = "kmeans",
+        error_totals: tuple[float, int] | None = None,
     ) -> None:
         self.config = config
         self.codebook_fit = codebook_fit
@@ -75,6 +76,9 @@ class MidxIndex:
         self.codebooks = codebooks
         self.codes = codes
         self._row_error = row_error
+        # (sum of row_error, count) over rows of nonzero norm, kept up to date by row updates in
+        # O(rows changed) so quantization_error never rescans the table.
+        self._error_totals = _error_totals(row_error, embeddings) if error_totals is None else error_totals
         self.fit_quantization_error = fit_quantization_error
         popularity = config.last_stage == "popularity"
         self.cells: Cells = build_cells(codes, config.num_codewords, weights if popularity else None)
@@ -170,7 +174,9 @@ class MidxIndex:
         codes = self._grow(self.codes, new_size)
         codes[id_vector] = self.codebooks.encode(rows)
         row_error = self._grow(self._row_error, new_size)
-        row_error[id_vector] = relative_residual_norms(rows, self.codebooks, codes[id_vector])
+        new_errors = relative_residual_norms(rows, self.codebooks, codes[id_vector])
+        row_error[id_vector] = new_errors
+        totals = self._updated_error_totals(id_vector, rows, new_errors)
         return MidxIndex(
             self.config,
             table,
@@ -180,7 +186,19 @@ class MidxIndex:
             row_error,
             self.fit_quantization_error,
             codebook_fit=self.codebook_fit,
+            error_totals=totals,
         )
+
+    def _updated_error_totals(
+        self, ids: torch.Tensor, rows: torch.Tensor, new_errors: torch.Tensor
+    ) -> tuple[float, int]:
+        error_sum, count = self._error_totals
+        replaced = ids[ids < self.num_classes]
+        old_errors, old_nonzero = _error_terms(self._row_error[replaced], self.embeddings[replaced])
+        errors, nonzero = _error_terms(new_errors, rows)
+        error_sum += errors - old_errors
+        count += nonzero - old_nonzero
+        return max(error_sum, 0.0), count
 
     def refit(
         self,
@@ -247,7 +265,8 @@ class MidxIndex:
     @property
     def quantization_error(self) -> float:
         """Mean over rows of nonzero norm of ||row - reconstruction|| / ||row||."""
-        return _mean_error(self._row_error, self.embeddings)
+        error_sum, count = self._error_totals
+        return error_sum / count if count else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """Return everything needed to rebuild this snapshot exactly (tensors on the CPU)."""
@@ -301,8 +320,8 @@ class MidxIndex:
     ) -> SampleResult:
         """Draw `num_samples` (M) classes for each of the (B, D) queries from the chosen proposal.
 
-        positives: optional (B, P) ids; their log Q (under the full proposal) is returned, and with
-        exclude_positives they are never drawn and the negatives' log Q is renormalised over the
+        positives: optional (B, P) ids whose log Q under the full proposal is returned. With
+        exclude_positives they are never drawn, and the negatives' log Q is renormalised over the
         remaining classes. seed makes the draws reproducible on the same device.
         """
         proposal = self._sampler(sampler)
@@ -464,8 +483,10 @@ class MidxIndex:
 
         # Second stage: the codeword c given a, by inverse CDF on the running sums of row a.
         row_index = (torch.arange(batch, device=self.device).unsqueeze(1) * num_codewords + first).view(-1)
-        rows_drawn = row_cumsum.view(batch * num_codewords, num_codewords).index_select(0, row_index)
-        target = uniform_below(rows_drawn[:, -1].contiguous(), generator).unsqueeze(1)
+        flat_rows = row_cumsum.view(batch * num_codewords, num_codewords)
+        rows_drawn = flat_rows.index_select(0, row_index)
+        row_total = below_one(flat_rows[:, -1]).index_select(0, row_index)
+        target = torch.rand(row_total.shape, generator=generator, device=self.device).mul_(row_total).unsqueeze(1)
         second = torch.searchsorted(rows_drawn, target, right=True).squeeze(1).clamp_(max=num_codewords - 1)
         second = second.view(batch, num_samples)
 
@@ -538,9 +559,11 @@ class MidxIndex:
         batch_index = torch.arange(batch, device=self.device).unsqueeze(1).expand(batch, num_positives)
         shift = row_shift[batch_index, first]
         terms = new_mass * torch.exp(s2.unsqueeze(1) - shift.unsqueeze(2)).to(torch.float64)
-        total = terms.sum(dim=2)
-        row_cumsum[batch_index, first] = terms.cumsum(dim=2).to(torch.float32)
-        log_row_mass[batch_index, first] = (torch.log(total) + shift).to(torch.float32)
+        new_rows = terms.cumsum(dim=2).to(torch.float32)
+        row_cumsum[batch_index, first] = new_rows
+        # The log mass comes from the float32 row the second stage searches, so a row whose mass
+        # rounds to 0 there also gets probability 0 in the first stage.
+        log_row_mass[batch_index, first] = torch.log(new_rows[..., -1]) + shift
         return _ExcludedPositives(
             position=position,
             cell=first * num_codewords + second,
@@ -624,10 +647,19 @@ def relative_residual_norms(rows: torch.Tensor, codebooks: Codebooks, codes: tor
     return torch.where(norms > 0, residual / torch.where(norms > 0, norms, 1.0), 0.0)
 
 
+def _error_terms(row_error: torch.Tensor, rows: torch.Tensor) -> tuple[float, int]:
+    """Return the sum of row_error and the count over the rows of nonzero norm."""
+    nonzero = rows.abs().amax(dim=1) > 0
+    return float(row_error[nonzero].double().sum()), int(nonzero.sum())
+
+
+def _error_totals(row_error: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:
+    return _error_terms(row_error, table)
+
+
 def _mean_error(row_error: torch.Tensor, table: torch.Tensor) -> float:
-    nonzero = table.abs().amax(dim=1) > 0
-    count = int(nonzero.sum())
-    return float(row_error[nonzero].double().sum()) / count if count else 0.0
+    error_sum, count = _error_terms(row_error, table)
+    return error_sum / count if count else 0.0
 
 
 def _first_duplicate(ids: torch.Tensor) -> int:
