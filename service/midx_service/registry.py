@@ -127,6 +127,13 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
+class _Behind:
+    """The store holds `version`, newer than this registry's; apply it, then try again."""
+
+    version: int
+
+
+@dataclass(frozen=True)
 class RestoredIndex:
     """An index as a store recovered it: `state` is a `MidxIndex.state_dict()`, or None when empty."""
 
@@ -164,6 +171,9 @@ class MutationStore(Protocol):
     def refit_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the right to refit index `name`, waiting while another replica holds it."""
 
+    async def newest_version(self, name: str) -> int | None:
+        """Return the newest version of index `name` the store holds, or None when it cannot tell."""
+
     def problem(self) -> str | None:
         """Describe why mutations are being rejected (e.g. the store is unreachable), or None."""
 
@@ -186,6 +196,9 @@ class InMemoryStore:
     @contextlib.asynccontextmanager
     async def refit_lock(self, name: str) -> AsyncIterator[None]:
         yield
+
+    async def newest_version(self, name: str) -> int | None:
+        return None
 
     def problem(self) -> str | None:
         return None
@@ -628,38 +641,53 @@ class IndexRegistry:
     ) -> Snapshot | None:
         """Record the mutation `prepare` builds on the current snapshot, then swap it in and return it.
 
-        When the store says another replica recorded that version first, wait until this registry
-        has applied the newer versions and prepare again on top of them, so every replica applies
-        mutations in the store's order. Returns None when `prepare` returns None (nothing to record).
+        When the store holds versions this registry has not applied yet (another replica recorded
+        them first), wait until they are applied and prepare again on top of them, so every replica
+        applies mutations in the store's order. Returns None when `prepare` returns None.
         """
         for _ in range(_MAX_COMMIT_ATTEMPTS):
             async with entry.write_lock:
                 self._check_live(entry)
-                prepared = await prepare(entry.current)
-                if prepared is None:
-                    return None
-                try:
-                    await self._record(prepared.mutation)
-                except StaleVersionError as stale:
-                    newer = stale.version
-                else:
-                    self._note_mutation(entry, prepared.mutation.kind, prepared.mutation.ids)
-                    entry.status, entry.error = IndexStatus.READY, ""
-                    if prepared.quantization_error is not None:
-                        entry.quantization_error = prepared.quantization_error
-                    await self._swap(entry, prepared.snapshot)
-                    return prepared.snapshot
-            logger.debug("index %r: version %d was recorded by another replica first; retrying", entry.name, newer)
-            if not await self.wait_for_version(entry.name, newer, _CATCH_UP_TIMEOUT_SECONDS):
+                outcome = await self._commit_once(entry, prepare)
+            if not isinstance(outcome, _Behind):
+                return outcome
+            logger.debug("index %r: the store is at version %d; catching up first", entry.name, outcome.version)
+            if not await self.wait_for_version(entry.name, outcome.version, _CATCH_UP_TIMEOUT_SECONDS):
                 self._check_live(entry)
                 raise UnavailableError(
-                    f"index {entry.name!r} is at version {newer} in the store, and this replica did not apply "
-                    f"it within {_CATCH_UP_TIMEOUT_SECONDS:g} s; the mutation was not applied, retry it"
+                    f"index {entry.name!r} is at version {outcome.version} in the store, and this replica did "
+                    f"not apply it within {_CATCH_UP_TIMEOUT_SECONDS:g} s; the mutation was not applied, retry it"
                 )
         raise UnavailableError(
             f"index {entry.name!r} changed through other replicas {_MAX_COMMIT_ATTEMPTS} times while this "
             "mutation was being recorded; it was not applied, retry it"
         )
+
+    async def _commit_once(
+        self, entry: _Entry, prepare: Callable[[Snapshot], Awaitable[_Prepared | None]]
+    ) -> Snapshot | _Behind | None:
+        """Make one attempt under the writer lock; return _Behind when the store holds newer versions."""
+        try:
+            prepared = await prepare(entry.current)
+        except MidxError:
+            # The request may be valid on versions another replica recorded but this one has not
+            # applied yet (e.g. a table uploaded elsewhere a moment ago), so check before rejecting it.
+            newest = await self.store.newest_version(entry.name)
+            if newest is None or newest <= entry.current.version:
+                raise
+            return _Behind(newest)
+        if prepared is None:
+            return None
+        try:
+            await self._record(prepared.mutation)
+        except StaleVersionError as stale:
+            return _Behind(stale.version)
+        self._note_mutation(entry, prepared.mutation.kind, prepared.mutation.ids)
+        entry.status, entry.error = IndexStatus.READY, ""
+        if prepared.quantization_error is not None:
+            entry.quantization_error = prepared.quantization_error
+        await self._swap(entry, prepared.snapshot)
+        return prepared.snapshot
 
     @staticmethod
     def _note_mutation(entry: _Entry, kind: MutationKind, changed_ids: torch.Tensor | None) -> None:

@@ -14,7 +14,14 @@ from midx_service.errors import (
     NotFoundError,
     UnavailableError,
 )
-from midx_service.registry import IndexRegistry, IndexStatus, InMemoryStore, Mutation, RestoredIndex
+from midx_service.registry import (
+    IndexRegistry,
+    IndexStatus,
+    InMemoryStore,
+    Mutation,
+    RestoredIndex,
+    StaleVersionError,
+)
 
 DIM = 6
 NUM_CLASSES = 200
@@ -261,3 +268,117 @@ def test_create_rejects_bad_names(name: str) -> None:
         await registry.close()
 
     run(scenario())
+
+
+class OtherReplicaStore(InMemoryStore):
+    """Acts as a store shared with another replica whose write lands first, once."""
+
+    def __init__(self) -> None:
+        self.mutations: list[Mutation] = []
+        self.registry: IndexRegistry | None = None
+        self.other_rows = _table(40, 1)
+        self.raced = False
+        self.deliveries: list[asyncio.Future[bool]] = []
+
+    async def append(self, mutation: Mutation) -> None:
+        if mutation.kind == "update" and not self.raced:
+            self.raced = True
+            # The other replica's update takes this version; it reaches this registry a moment later.
+            asyncio.get_running_loop().call_soon(self._deliver_other_write, mutation.version)
+            raise StaleVersionError(mutation.name, mutation.version)
+        self.mutations.append(mutation)
+
+    def _deliver_other_write(self, version: int) -> None:
+        assert self.registry is not None
+        rows = self.other_rows
+
+        def build(index: MidxIndex | None, current: int) -> MidxIndex:
+            assert index is not None and current == version - 1
+            return index.update_rows([7], rows)
+
+        self.deliveries.append(asyncio.ensure_future(self.registry.apply_replicated("words", "update", version, build)))
+
+
+def test_write_behind_another_replica_is_rebuilt_on_top() -> None:
+    async def scenario() -> tuple[int, Any, OtherReplicaStore]:
+        store = OtherReplicaStore()
+        registry = IndexRegistry(store=store, refit_error_ratio=0.0)
+        store.registry = registry
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        version = await registry.update("words", [3], _table(41, 1))
+        snapshot = await registry.snapshot("words")
+        await registry.close()
+        return version, snapshot, store
+
+    version, snapshot, store = run(scenario())
+
+    assert version == 3
+    assert snapshot.version == 3
+    assert np.array_equal(snapshot.index.embeddings[7].numpy(), store.other_rows[0])
+    assert np.array_equal(snapshot.index.embeddings[3].numpy(), _table(41, 1)[0])
+    assert [(mutation.kind, mutation.version) for mutation in store.mutations] == [
+        ("create", 0),
+        ("upload", 1),
+        ("update", 3),
+    ]
+
+
+class AheadStore(InMemoryStore):
+    """Acts as a store that already holds version 1 (a table uploaded through another replica)."""
+
+    async def newest_version(self, name: str) -> int | None:
+        return 1
+
+
+def test_write_rejected_on_stale_replica_waits_for_newer_version() -> None:
+    async def scenario() -> tuple[int, int]:
+        registry = IndexRegistry(store=AheadStore(), refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        table_index = MidxIndex.build(CONFIG, _table())
+
+        deliveries: list[asyncio.Future[bool]] = []
+
+        def deliver_upload() -> None:
+            upload = registry.apply_replicated("words", "upload", 1, lambda index, current: table_index)
+            deliveries.append(asyncio.ensure_future(upload))
+
+        # Runs once the update is under way, on the table-less version 0.
+        asyncio.get_running_loop().call_soon(deliver_upload)
+        version = await registry.update("words", [2], _table(3, 1))
+        num_classes = registry.state("words").num_classes
+        await registry.close()
+        return version, num_classes
+
+    assert run(scenario()) == (2, NUM_CLASSES)
+
+
+def test_min_version_waits_for_index_created_elsewhere() -> None:
+    async def scenario() -> tuple[int, bool]:
+        registry = IndexRegistry(min_version_timeout_seconds=5.0)
+        waiting = asyncio.ensure_future(registry.snapshot("words", min_version=1))
+        await asyncio.sleep(0)
+        started_early = waiting.done()
+        await registry.install_replicated("words", CONFIG, 1, MidxIndex.build(CONFIG, _table()))
+        snapshot = await waiting
+        await registry.close()
+        return snapshot.version, started_early
+
+    assert run(scenario()) == (1, False)
+
+
+def test_apply_replicated_skips_applied_version() -> None:
+    async def scenario() -> tuple[bool, int]:
+        registry = IndexRegistry(refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+
+        def never(index: MidxIndex | None, current: int) -> MidxIndex:
+            raise AssertionError("an applied version was built again")
+
+        applied = await registry.apply_replicated("words", "update", 1, never)
+        version = registry.state("words").version
+        await registry.close()
+        return applied, version
+
+    assert run(scenario()) == (False, 1)

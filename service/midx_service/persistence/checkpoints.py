@@ -56,8 +56,7 @@ class CheckpointScheduler:
         next_round = time.monotonic() + self._interval
         while True:
             timeout = max(0.0, next_round - time.monotonic()) if self._interval > 0 else None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_for_event(self._wake, timeout)
             self._wake.clear()
             due = set(self._requested)
             self._requested.clear()
@@ -74,3 +73,16 @@ class CheckpointScheduler:
             raise
         except Exception as error:
             logger.warning("snapshot of index %r failed (the mutation log still holds its changes): %s", name, error)
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait until `event` is set or `timeout` seconds pass, whichever comes first.
+
+    Unlike `asyncio.wait_for`, which on Python 3.11 can swallow a cancellation that arrives just as
+    the event is set, a cancelled caller always gets CancelledError.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()

@@ -148,6 +148,10 @@ class LocalStore:
         # One server per directory, and the registry runs one refit per index at a time.
         yield
 
+    async def newest_version(self, name: str) -> int | None:
+        # One server per directory: the registry's version is the newest.
+        return None
+
     def _open_directory(self) -> None:
         self._index_root.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.directory / "LOCK", "ab")  # noqa: SIM115 - held open until close()

@@ -50,7 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import AlreadyExistsError, NotFoundError, UnavailableError
 from midx_service.persistence import redis_scripts
-from midx_service.persistence.checkpoints import CheckpointScheduler
+from midx_service.persistence.checkpoints import CheckpointScheduler, wait_for_event
 from midx_service.persistence.codec import (
     DEFAULT_CHUNK_BYTES,
     CorruptDataError,
@@ -177,6 +177,10 @@ class RedisStore:
         self._followers: dict[str, _Follower] = {}
         # Catalog events this server caused itself, which the reader skips: (kind, incarnation).
         self._own_events: set[tuple[str, str]] = set()
+        # Per index, the version this server is recording now and the newest one it recorded, so
+        # its own upload entries are not read back from Redis.
+        self._recording: dict[str, int] = {}
+        self._recorded: dict[str, int] = {}
         self._epoch: bytes | None = None
         self._catalog_last_id: bytes | str = "0-0"
         self._link_problem: str | None = None
@@ -295,6 +299,7 @@ class RedisStore:
             self._own_events.discard(("create", incarnation))
             raise AlreadyExistsError(f"index {name!r} exists already; delete it first or pick another name")
         self._incarnations[name] = incarnation
+        self._recorded.pop(name, None)
         self._start_follower(name, incarnation, 0)
 
     async def _create_index(
@@ -354,6 +359,7 @@ class RedisStore:
             snapshot_id = await self.write_snapshot(name, incarnation, mutation.index, mutation.version)
         fields = encode_entry(mutation, self.chunk_bytes, snapshot=snapshot_id or None)
         keys = self._keys
+        self._recording[name] = mutation.version
         try:
             result = await self._commit(
                 keys=[keys.head(name, incarnation), keys.log(name, incarnation)],
@@ -368,8 +374,11 @@ class RedisStore:
             )
         except BaseException:
             if snapshot_id:
-                await self._discard_snapshot(name, incarnation, snapshot_id)
+                with contextlib.suppress(RedisError, OSError):
+                    await self._discard_snapshot(name, incarnation, snapshot_id)
             raise
+        finally:
+            self._recording.pop(name, None)
         status = result[0]
         if status != b"ok" and snapshot_id:
             await self._discard_snapshot(name, incarnation, snapshot_id)
@@ -381,6 +390,7 @@ class RedisStore:
             raise UnavailableError(
                 f"the snapshot for the {mutation.kind} of index {name!r} expired before it was committed; retry"
             )
+        self._recorded[name] = mutation.version
         if mutation.kind == "refit":
             self._checkpoints.request(name)
 
@@ -543,6 +553,7 @@ class RedisStore:
     def _forget(self, name: str, incarnation: str) -> None:
         if self._incarnations.get(name) == incarnation:
             del self._incarnations[name]
+            self._recorded.pop(name, None)
         follower = self._followers.get(name)
         if follower is not None and follower.incarnation == incarnation:
             del self._followers[name]
@@ -572,8 +583,7 @@ class RedisStore:
 
     async def _pause(self, seconds: float) -> None:
         # Reconnection backoff; close() sets the event to end it early.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await wait_for_event(self._wake, seconds)
         self._wake.clear()
 
     async def _read_once(self) -> None:
@@ -659,7 +669,7 @@ class RedisStore:
             except Exception:
                 logger.exception("applying the Redis log of index %r failed; reloading it", follower.name)
                 catch_up = True
-                await self._pause(_RECONNECT_MAX_SECONDS)
+                await asyncio.sleep(_RECONNECT_MAX_SECONDS)
 
     async def _apply_batch(self, follower: _Follower, entries: Sequence[Entry]) -> None:
         """Apply entries of one index in version order; raise ReplayGapError when some are missing."""
@@ -696,13 +706,17 @@ class RedisStore:
     async def _apply_upload(self, follower: _Follower, entry: Entry) -> None:
         registry = self._registry
         assert registry is not None and entry.snapshot is not None
-        current = registry.current(follower.name)
+        name = follower.name
+        own = entry.version == self._recording.get(name) or entry.version <= self._recorded.get(name, -1)
+        if own and await registry.wait_for_version(name, entry.version, _CATCH_UP_TIMEOUT_SECONDS):
+            return  # this server's own upload, swapped in by its writer
+        current = registry.current(name)
         if current is not None and current.version >= entry.version:
             return
-        state = await self.read_snapshot(follower.name, follower.incarnation, entry.snapshot)
+        state = await self.read_snapshot(name, follower.incarnation, entry.snapshot)
         device = registry.device
         await registry.apply_replicated(
-            follower.name, "upload", entry.version, lambda index, version: MidxIndex.from_state_dict(state, device)
+            name, "upload", entry.version, lambda index, version: MidxIndex.from_state_dict(state, device)
         )
 
     async def _catch_up(self, follower: _Follower) -> None:
@@ -845,11 +859,26 @@ class RedisStore:
         incarnation = self._incarnations.get(name)
         if incarnation is None:
             raise NotFoundError(f"index {name!r} is not in Redis; it was deleted through another server")
+        if self._link_problem is not None:
+            raise UnavailableError(
+                f"persistence is unavailable, so index {name!r} cannot be refitted: {self._link_problem}"
+            )
         async with self._lock(self._keys.refit_lock(name, incarnation), wait=True):
             newest = await self._client.hget(self._keys.head(name, incarnation), "version")
             if newest is not None and self._registry is not None:
                 await self._registry.wait_for_version(name, int(newest), _CATCH_UP_TIMEOUT_SECONDS)
             yield
+
+    async def newest_version(self, name: str) -> int | None:
+        """Return the newest version of index `name` in Redis, or None when Redis cannot tell now."""
+        incarnation = self._incarnations.get(name)
+        if incarnation is None or self._link_problem is not None:
+            return None
+        try:
+            newest = await self._client.hget(self._keys.head(name, incarnation), "version")
+        except (RedisError, OSError):
+            return None
+        return None if newest is None else int(newest)
 
     @contextlib.asynccontextmanager
     async def _lock(self, key: str, *, wait: bool) -> AsyncIterator[bool]:
@@ -874,8 +903,6 @@ class RedisStore:
                 await self._release_lock(keys=[key], args=[token])
 
     async def _set_lock(self, key: str, token: str) -> bool:
-        if self._link_problem is not None:
-            raise UnavailableError(f"persistence is unavailable: {self._link_problem}")
         try:
             return bool(await self._client.set(key, token, nx=True, px=_LOCK_MILLISECONDS))
         except _CONNECTION_ERRORS as error:
