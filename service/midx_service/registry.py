@@ -10,10 +10,10 @@ Persistence hook: `MutationStore` is the seam for a durable layer (a local direc
 registry calls `append(mutation)` after the next snapshot is built and BEFORE it is swapped in or
 acknowledged, for every kind of mutation: "create", "upload", "update", "refit" and "delete". If
 `append` raises, the mutation is rejected with UnavailableError and the index stays as it was. At
-start-up `IndexRegistry.restore()` calls `load()`, installs each returned `RestoredIndex` (config,
-version and, when the index has a table, a `MidxIndex.state_dict()`), then calls `start(registry)`;
-`close()` calls the store's `close()`. The default `InMemoryStore` records nothing and restores nothing.
-The front ends never see the store.
+start-up `IndexRegistry.restore()` calls `load()` and installs each returned `RestoredIndex` (config,
+version and, when the index has a table, a `MidxIndex.state_dict()`). It then calls
+`start(registry)`, and `close()` calls the store's `close()`. The default `InMemoryStore` records
+nothing and restores nothing. The front ends never see the store.
 
 Replicas: several registries may share one store. The store orders their mutations: `append` raises
 `StaleVersionError` when another replica recorded a mutation for that version first, and the registry
@@ -103,7 +103,7 @@ class Mutation:
     (None for "create" and "delete"); a store may save `index.state_dict()` instead of replaying the
     delta. For "update", ids (U,) int64, embeddings (U, D) float32 and weights (U,) float64 are the
     request's values on the CPU, before any normalisation, so replaying them with
-    `MidxIndex.update_rows` repeats the writer's computation; for "upload" they are the new index's
+    `MidxIndex.update_rows` repeats the writer's computation. For "upload" they are the new index's
     table and weights. config is set for "create".
     """
 
@@ -128,7 +128,7 @@ class _Prepared:
 
 @dataclass(frozen=True)
 class _Behind:
-    """The store holds `version`, newer than this registry's; apply it, then try again."""
+    """The store has reached `version`, newer than this registry's version: apply it, then try again."""
 
     version: int
 
@@ -169,7 +169,7 @@ class MutationStore(Protocol):
         """Finish background work, write final snapshots and release connections."""
 
     def refit_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold the right to refit index `name`, waiting while another replica holds it."""
+        """Hold the right to refit index `name`, waiting while another replica has it."""
 
     async def newest_version(self, name: str) -> int | None:
         """Return the newest version of index `name` the store holds, or None when it cannot tell."""
@@ -582,7 +582,7 @@ class IndexRegistry:
     async def install_replicated(
         self, name: str, config: IndexConfig, version: int, index: MidxIndex | None = None
     ) -> None:
-        """Create index `name`, or replace its whole state, as the store holds it (whatever the version)."""
+        """Create index `name`, or replace its whole state, as the store has it (whatever the version)."""
         _check_name(name)
         error = 0.0 if index is None else await self.compute(_quantization_error, index)
         snapshot = Snapshot(version, index)

@@ -79,6 +79,15 @@ def test_invalid_setting_is_refused_by_name() -> None:
     assert "batch_window_ms (MIDX_BATCH_WINDOW_MS)" in stderr
 
 
+def test_unreachable_redis_stops_start_with_message() -> None:
+    process = _serve("--device", "cpu", "--redis-url", "redis://127.0.0.1:9/0")
+
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 1
+    assert "could not restore the indexes: cannot read the indexes from Redis at 127.0.0.1:9/0" in stderr
+
+
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIDX_HTTP_PORT", "8100")
     monkeypatch.setenv("MIDX_MAX_BATCH", "7")
@@ -97,6 +106,10 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"refit_error_ratio": 0.5}, "refit_error_ratio"),
         ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"}, "tls_cert_file"),
         ({"max_batch": 0}, "max_batch"),
+        ({"redis_url": "http://127.0.0.1:6379"}, "redis_url"),
+        ({"redis_prefix": "two words"}, "redis_prefix"),
+        ({"redis_url": "redis://127.0.0.1:6379/0", "data_dir": "/tmp"}, "data_dir"),
+        ({"snapshot_chunk_bytes": 1024}, "snapshot_chunk_bytes"),
     ],
 )
 def test_invalid_settings_name_the_setting(overrides: dict[str, object], named: str) -> None:

@@ -27,7 +27,7 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """The shared Redis on 127.0.0.1:6379; the test is skipped when none answers there."""
+    """The shared Redis on 127.0.0.1:6379; the test is skipped when none responds there."""
     client = redis.Redis.from_url(SHARED_REDIS_URL, socket_connect_timeout=1.0)
     try:
         client.ping()

@@ -66,7 +66,7 @@ def test_snapshot_reader_rejects_altered_chunk() -> None:
         _read(plan.manifest, chunks)
 
 
-def test_snapshot_reader_rejects_missing_and_short_chunks() -> None:
+def test_reader_rejects_missing_short_chunks() -> None:
     plan = plan_snapshot(_index(False), 1, chunk_bytes=1000)
     reader = SnapshotReader(plan.manifest)
     reader.add(bytes(plan.chunks[0]))
@@ -79,7 +79,7 @@ def test_snapshot_reader_rejects_missing_and_short_chunks() -> None:
         reader.state()
 
 
-def test_manifest_of_unknown_format_is_rejected() -> None:
+def test_unknown_manifest_format_rejected() -> None:
     with pytest.raises(CorruptDataError, match="format 99"):
         decode_manifest(b'{"format": 99}')
     with pytest.raises(CorruptDataError, match="not valid JSON"):
@@ -90,7 +90,7 @@ def _as_stream_fields(fields: dict) -> dict[bytes, bytes]:
     return {name.encode(): bytes(value) for name, value in fields.items()}
 
 
-def test_update_entry_keeps_request_values_across_parts() -> None:
+def test_update_entry_round_trips_in_parts() -> None:
     ids = torch.tensor([5, 1, 300], dtype=torch.int64)
     rows = torch.randn(3, DIM, generator=torch.Generator().manual_seed(2))
     weights = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
@@ -106,7 +106,7 @@ def test_update_entry_keeps_request_values_across_parts() -> None:
     assert entry.weights is not None and torch.equal(entry.weights, weights)
 
 
-def test_refit_entry_carries_codebooks_and_codes() -> None:
+def test_refit_entry_round_trips() -> None:
     index = _index(False).refit(seed=4)
 
     entry = decode_entry(_as_stream_fields(encode_entry(Mutation("refit", "words", 3, index=index), 64)))
@@ -130,7 +130,7 @@ def test_create_and_upload_entries_round_trip() -> None:
     assert (upload.kind, upload.version, upload.snapshot) == ("upload", 1, "1-ab")
 
 
-def test_entry_with_missing_part_is_rejected() -> None:
+def test_entry_missing_part_rejected() -> None:
     mutation = Mutation("update", "words", 2, ids=torch.tensor([1]), embeddings=torch.ones(1, DIM))
     fields = _as_stream_fields(encode_entry(mutation, chunk_bytes=16))
     del fields[b"rows.1"]

@@ -153,7 +153,7 @@ def crashed_directory(crashed_template: tuple[Path, int, np.ndarray], tmp_path: 
     return directory, version, expected
 
 
-def test_crash_without_clean_stop_loses_nothing(crashed_directory: tuple[Path, int, np.ndarray]) -> None:
+def test_crash_loses_nothing(crashed_directory: tuple[Path, int, np.ndarray]) -> None:
     directory, version, expected = crashed_directory
     current = json.loads((directory / "indexes" / "words" / "CURRENT").read_text())
 
@@ -166,7 +166,7 @@ def test_crash_without_clean_stop_loses_nothing(crashed_directory: tuple[Path, i
     np.testing.assert_array_equal(restored.state["embeddings"].numpy(), expected)
 
 
-def test_record_torn_by_crash_is_cut_off(crashed_directory: tuple[Path, int, np.ndarray]) -> None:
+def test_torn_record_is_cut_off(crashed_directory: tuple[Path, int, np.ndarray]) -> None:
     directory, version, expected = crashed_directory
     segment = sorted((directory / "indexes" / "words").glob("log-*.bin"))[-1]
     intact_size = segment.stat().st_size
@@ -223,7 +223,7 @@ def test_damaged_snapshot_chunk_is_reported(crashed_directory: tuple[Path, int, 
         _load(directory)
 
 
-def test_damaged_record_before_log_end_is_reported(crashed_directory: tuple[Path, int, np.ndarray]) -> None:
+def test_damaged_record_before_end_reported(crashed_directory: tuple[Path, int, np.ndarray]) -> None:
     directory, _, _ = crashed_directory
     index_directory = directory / "indexes" / "words"
     segment = sorted(index_directory.glob("log-*.bin"))[-1]
@@ -253,7 +253,7 @@ def test_directory_in_use_is_rejected(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_server_with_data_dir_restores_indexes(tmp_path: Path) -> None:
+def test_server_restores_from_data_dir(tmp_path: Path) -> None:
     settings = load_settings(
         host="127.0.0.1",
         http_port=0,

@@ -130,11 +130,14 @@ def test_recovery_replays_log_after_snapshot(redis_url: str, redis_prefix: str) 
     _assert_same_index(recovered, written)
     # The refit wrote a snapshot in the background; either way entries after the last snapshot remain.
     assert int(head["snapshot_version"]) in (5, 9)
+    # The log is trimmed up to the current snapshot, whose own entry stays.
+    assert kinds[0][0] == int(head["snapshot_version"])
+    assert [version for version, _ in kinds] == list(range(kinds[0][0], 11))
     assert kinds[-1] == (10, "update")
     assert all(kind != "upload" for _, kind in kinds)
 
 
-def test_replicas_apply_concurrent_writes_in_one_order(redis_url: str, redis_prefix: str) -> None:
+def test_replicas_order_concurrent_writes(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> tuple[list[int], list[int], Any, Any]:
         first, _ = await _replica(redis_url, redis_prefix)
         second, _ = await _replica(redis_url, redis_prefix)
@@ -167,7 +170,7 @@ def test_replicas_apply_concurrent_writes_in_one_order(redis_url: str, redis_pre
     _assert_same_index(left.index, right.index)
 
 
-def test_refit_runs_on_one_replica_at_a_time(redis_url: str, redis_prefix: str) -> None:
+def test_refit_runs_on_one_replica(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> tuple[int, int, IndexRegistry, IndexRegistry]:
         first, _ = await _replica(redis_url, redis_prefix)
         second, _ = await _replica(redis_url, redis_prefix)
@@ -196,7 +199,7 @@ def test_refit_runs_on_one_replica_at_a_time(redis_url: str, redis_prefix: str) 
     assert int(_head(redis_url, redis_prefix, "words")["snapshot_version"]) == 3
 
 
-def test_delete_is_followed_and_leaves_no_index_keys(redis_url: str, redis_prefix: str) -> None:
+def test_delete_leaves_no_index_keys(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> tuple[list[str], int]:
         first, first_store = await _replica(redis_url, redis_prefix)
         second, _ = await _replica(redis_url, redis_prefix)
@@ -289,7 +292,7 @@ def test_interrupted_snapshot_is_never_loaded(redis_url: str, redis_prefix: str)
     assert 0 < orphan_ttl <= 3_600_000
 
 
-def test_snapshot_missing_a_chunk_cannot_become_current(redis_url: str, redis_prefix: str) -> None:
+def test_incomplete_snapshot_never_current(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> tuple[bytes, dict[str, str], dict[str, str]]:
         writer, store = await _replica(redis_url, redis_prefix)
         await writer.create("words", CONFIG)
@@ -336,7 +339,7 @@ def test_damaged_current_snapshot_stops_recovery(redis_url: str, redis_prefix: s
     asyncio.run(scenario())
 
 
-def test_unreachable_redis_at_start_is_reported() -> None:
+def test_unreachable_redis_at_start() -> None:
     async def scenario() -> None:
         store = RedisStore("redis://127.0.0.1:9/0", prefix="midx-test-unreachable")
         try:
@@ -349,7 +352,7 @@ def test_unreachable_redis_at_start_is_reported() -> None:
 
 
 @pytest.mark.slow
-def test_large_table_snapshot_round_trips_through_chunks(redis_url: str, redis_prefix: str) -> None:
+def test_large_table_snapshot_round_trips(redis_url: str, redis_prefix: str) -> None:
     rows, dim, chunk_bytes = 175_000, 768, 64 * 1024 * 1024
     generator = torch.Generator().manual_seed(0)
     config = IndexConfig(dim, num_codewords=64)
@@ -434,7 +437,7 @@ def _exact_log_q(table: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return torch.log_softmax(logits, dim=1).numpy()
 
 
-def test_write_through_one_server_is_read_through_another(
+def test_write_visible_through_other_server(
     start_server: Callable[..., Any], redis_url: str, redis_prefix: str
 ) -> None:
     options = {"redis_url": redis_url, "redis_prefix": redis_prefix, "refit_error_ratio": 0.0}
@@ -460,9 +463,7 @@ def test_write_through_one_server_is_read_through_another(
     np.testing.assert_allclose(exact.log_q, _exact_log_q(table, queries), atol=1e-4)
 
 
-def test_concurrent_writes_through_two_servers_converge(
-    start_server: Callable[..., Any], redis_url: str, redis_prefix: str
-) -> None:
+def test_two_servers_converge_under_writes(start_server: Callable[..., Any], redis_url: str, redis_prefix: str) -> None:
     options = {"redis_url": redis_url, "redis_prefix": redis_prefix, "refit_error_ratio": 0.0}
     servers = [start_server(**options), start_server(**options)]
     with SamplerClient(servers[0].grpc_target) as setup:
@@ -528,7 +529,7 @@ def _mutations_fail_with_unavailable(grpc_target: str, http_url: str) -> list[st
     return messages
 
 
-def test_redis_outage_keeps_sampling_and_rejects_mutations(
+def test_outage_keeps_sampling_rejects_mutations(
     private_redis: Callable[..., PrivateRedis], start_server: Callable[..., Any]
 ) -> None:
     own = private_redis(append_only=True)
@@ -592,7 +593,7 @@ def _load_in_fresh_store(url: str, prefix: str, name: str = "words") -> _Recover
     return asyncio.run(load())
 
 
-def test_redis_returning_empty_gets_indexes_written_back(
+def test_empty_redis_gets_indexes_back(
     private_redis: Callable[..., PrivateRedis], start_server: Callable[..., Any]
 ) -> None:
     own = private_redis(append_only=False)
@@ -605,7 +606,7 @@ def test_redis_returning_empty_gets_indexes_written_back(
         client.update_embeddings("words", [9], _table(1, 1))
     table[[9]] = _table(1, 1)
 
-    # /readyz answers 503 while "empty" has no table, so the test reads the persistence state directly.
+    # /readyz returns 503 while "empty" has no table, so the test reads the persistence state directly.
     registry = server.server.registry
     own.stop()
     wait_until(lambda: registry.persistence_problem() is not None, 10, "the server to notice the outage")
@@ -623,7 +624,46 @@ def test_redis_returning_empty_gets_indexes_written_back(
     np.testing.assert_array_equal(recovered.table, table)
 
 
-def test_redis_refusing_writes_is_reported_and_recovers(
+def test_older_redis_data_gets_newer_state(
+    private_redis: Callable[..., PrivateRedis], start_server: Callable[..., Any]
+) -> None:
+    own = private_redis(append_only=False)
+    server = start_server(redis_url=own.url, refit_error_ratio=0.0)
+    table = _table(0)
+    later_table = _table(2, 30)
+    with SamplerClient(server.grpc_target) as client:
+        client.create_index("words", DIM, num_codewords=8)
+        client.upload_embeddings("words", table)
+        admin = own.client()
+        try:
+            admin.save()  # the RDB file Redis restarts from: "words" at version 1, no "later"
+        finally:
+            admin.close()
+        client.update_embeddings("words", [4], _table(1, 1))
+        client.create_index("later", DIM, num_codewords=4)
+        client.upload_embeddings("later", later_table)
+    table[[4]] = _table(1, 1)
+
+    registry = server.server.registry
+    own.stop()
+    wait_until(lambda: registry.persistence_problem() is not None, 10, "the server to notice the outage")
+    own.start()
+    wait_until(lambda: registry.persistence_problem() is None, 30, "the server to write its newer state back")
+    with SamplerClient(server.grpc_target) as client:
+        version = client.update_embeddings("words", [5], _table(3, 1))
+        later = client.get_index("later")
+    table[[5]] = _table(3, 1)
+
+    assert version == 3
+    assert later.version == 1
+    recovered = _load_in_fresh_store(own.url, "midx")
+    assert recovered.version == 3
+    np.testing.assert_array_equal(recovered.table, table)
+    recovered_later = _load_in_fresh_store(own.url, "midx", "later")
+    np.testing.assert_array_equal(recovered_later.table, later_table)
+
+
+def test_rejected_writes_reported_then_accepted(
     private_redis: Callable[..., PrivateRedis], start_server: Callable[..., Any]
 ) -> None:
     own = private_redis(append_only=True)
@@ -652,7 +692,7 @@ def test_redis_refusing_writes_is_reported_and_recovers(
     assert refused.value.code == "unavailable"
     assert "maxmemory" in refused.value.message
     assert degraded["status"] == "degraded"
-    assert "refuses writes" in degraded["persistence"]
+    assert "rejects writes" in degraded["persistence"]
     assert sampled.version == info.version == 1
     assert version == 2
 
@@ -698,7 +738,7 @@ def _midx_log_q(state: dict[str, Any], queries: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_killed_server_loses_no_acknowledged_update(redis_url: str, redis_prefix: str) -> None:
+def test_killed_server_loses_no_update(redis_url: str, redis_prefix: str) -> None:
     env = {
         "MIDX_REDIS_URL": redis_url,
         "MIDX_REDIS_PREFIX": redis_prefix,

@@ -299,7 +299,7 @@ class OtherReplicaStore(InMemoryStore):
         self.deliveries.append(asyncio.ensure_future(self.registry.apply_replicated("words", "update", version, build)))
 
 
-def test_write_behind_another_replica_is_rebuilt_on_top() -> None:
+def test_stale_write_rebuilt_on_newer_version() -> None:
     async def scenario() -> tuple[int, Any, OtherReplicaStore]:
         store = OtherReplicaStore()
         registry = IndexRegistry(store=store, refit_error_ratio=0.0)
@@ -325,13 +325,13 @@ def test_write_behind_another_replica_is_rebuilt_on_top() -> None:
 
 
 class AheadStore(InMemoryStore):
-    """Acts as a store that already holds version 1 (a table uploaded through another replica)."""
+    """Acts as a store that already has version 1 (a table uploaded through another replica)."""
 
     async def newest_version(self, name: str) -> int | None:
         return 1
 
 
-def test_write_rejected_on_stale_replica_waits_for_newer_version() -> None:
+def test_stale_replica_catches_up_before_rejecting() -> None:
     async def scenario() -> tuple[int, int]:
         registry = IndexRegistry(store=AheadStore(), refit_error_ratio=0.0)
         await registry.create("words", CONFIG)
@@ -353,7 +353,7 @@ def test_write_rejected_on_stale_replica_waits_for_newer_version() -> None:
     assert run(scenario()) == (2, NUM_CLASSES)
 
 
-def test_min_version_waits_for_index_created_elsewhere() -> None:
+def test_min_version_waits_for_new_index() -> None:
     async def scenario() -> tuple[int, bool]:
         registry = IndexRegistry(min_version_timeout_seconds=5.0)
         waiting = asyncio.ensure_future(registry.snapshot("words", min_version=1))

@@ -1,4 +1,4 @@
-"""When to snapshot: every interval, when a store asks (after a refit), and once more on a clean stop."""
+"""When to snapshot: every interval, when a store requests one (after a refit), and once more on a clean stop."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class CheckpointScheduler:
 
     The checkpoint function decides itself whether the index changed since its last snapshot. An
     interval of 0 turns the periodic snapshots off; requested ones still run. Failures are logged,
-    never raised: the mutation log still holds every change, so a missed snapshot only makes the
+    never raised: the mutation log still contains every change, so a missed snapshot only makes the
     next recovery longer.
     """
 
@@ -72,7 +72,7 @@ class CheckpointScheduler:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            logger.warning("snapshot of index %r failed (the mutation log still holds its changes): %s", name, error)
+            logger.warning("snapshot of index %r failed (the mutation log still contains its changes): %s", name, error)
 
 
 async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:

@@ -2,8 +2,8 @@
 
 A snapshot is a `MidxIndex.state_dict()` written as a JSON manifest plus numbered chunks. Each tensor
 is split into chunks of at most `chunk_bytes` raw little-endian bytes, so no single stored value
-comes near Redis's 512 MB limit, and every chunk carries its SHA-256 so a torn or overwritten chunk
-is detected instead of loaded. A chunk never spans two tensors, which lets the writer hand out views
+comes near Redis's 512 MB limit. The manifest lists every chunk's SHA-256, so a torn or overwritten
+chunk is detected instead of loaded. A chunk never spans two tensors, which lets the writer hand out views
 of the tensors' memory without copying them.
 
 A mutation entry is a flat mapping of field name to bytes (a Redis stream entry, or one framed
@@ -208,7 +208,7 @@ class RefitResult:
 class Entry:
     """One decoded mutation entry.
 
-    kind "create" carries `config`; "upload" names the `snapshot` that holds the new state; "update"
+    kind "create" carries `config`; "upload" names the `snapshot` that contains the new state; "update"
     carries ids (U,) int64, rows (U, D) float32 as the request sent them and optional weights (U,)
     float64; "refit" carries `refit`.
     """

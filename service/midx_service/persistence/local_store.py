@@ -11,9 +11,9 @@ Layout of the data directory:
 
 Every change becomes visible through one rename of a fully written and fsynced file or directory
 (then the parent directory is fsynced), so a crash leaves either the old or the new state. Row
-updates and refits are appended to the log and fsynced before they are acknowledged; a record torn
-by a crash is at the log's end, fails its CRC32 and is cut off at the next start. Uploads write a
-snapshot and point CURRENT at it.
+updates and refits are appended to the log and fsynced before they are acknowledged. A record torn
+by a crash can only be the log's last one: it fails its CRC32 and is cut off at the next start.
+Uploads write a snapshot and point CURRENT at it.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class LocalStore:
     async def load(self) -> list[RestoredIndex]:
         """Recover every index: its current snapshot plus the log records after it.
 
-        Raises UnavailableError when another server holds the directory, CorruptDataError when a
+        Raises UnavailableError when another server uses the directory, CorruptDataError when a
         snapshot or a record before the log's end fails its checks.
         """
         await asyncio.to_thread(self._open_directory)

@@ -2,7 +2,7 @@
 
 Each script checks its precondition (the index incarnation still exists, the writer's base version
 is the newest one, every chunk of a snapshot is present) before its first write, so a rejected
-script changes nothing. The `#!lua` line makes Redis refuse a script up front when it is out of
+script changes nothing. The `#!lua` line makes Redis reject a script up front when it is out of
 memory or cannot persist (MISCONF), instead of failing half-way through it.
 
 Keys of one index share the prefix passed as the "key base" argument (`<prefix>:index:<name>:<incarnation>:`):
@@ -94,8 +94,8 @@ return 'ok'
 
 # KEYS: indexes, catalog, head, log. ARGV: name, incarnation, catalog value, catalog max length,
 # version, key base, snapshot id or '', then the first log entry's field/value pairs.
-# Creates the index at `version`; with a snapshot id the snapshot becomes its state (used to
-# write an index back into a Redis that lost its data). Returns 'ok', 'exists' or 'incomplete'.
+# Creates the index at `version`. With a snapshot id, the snapshot becomes its state, which is how a
+# server writes an index back into a Redis that lost it. Returns 'ok', 'exists' or 'incomplete'.
 CREATE = (
     "#!lua\n"
     + _HELPERS

@@ -5,9 +5,9 @@ Layout under the key prefix P (MIDX_REDIS_PREFIX):
 - `P:indexes` (hash) maps each index name to its incarnation (a random id given at creation, so a
   deleted and re-created index never reads the old one's keys) and its config.
 - `P:catalog` (stream) announces creates and deletes to the replicas.
-- `P:index:<name>:<incarnation>:head` (hash) holds the newest version and the current snapshot;
-  `...:log` (stream) holds one entry per mutation, with stream id `<version>-1`; `...:snapshot:<id>`
-  and `...:snapshot:<id>:<n>` hold a snapshot's manifest and chunks.
+- `P:index:<name>:<incarnation>:head` (hash) contains the newest version and the current snapshot.
+  `...:log` (stream) contains one entry per mutation, with stream id `<version>-1`. `...:snapshot:<id>`
+  and `...:snapshot:<id>:<n>` contain a snapshot's manifest and chunks.
 - `P:epoch` identifies the data set, so a server notices when Redis came back empty.
 
 Writes: a row update, refit or upload is appended by a Lua script that first checks that the
@@ -79,7 +79,7 @@ _LOCK_MILLISECONDS = 60_000
 _CATALOG_LENGTH = 10_000
 _RECONNECT_MIN_SECONDS = 0.05
 _RECONNECT_MAX_SECONDS = 2.0
-# How often a store whose writes were refused tries a small write to see whether Redis accepts them again.
+# How often a store whose writes were rejected tries a small write to see whether Redis accepts them again.
 _WRITE_PROBE_SECONDS = 1.0
 _CATCH_UP_TIMEOUT_SECONDS = 30.0
 _CONSISTENT_READ_ATTEMPTS = 8
@@ -197,8 +197,8 @@ class RedisStore:
         """Recover every index: its newest complete snapshot plus the log entries after it.
 
         Raises UnavailableError when Redis cannot be reached, and CorruptDataError when a current
-        snapshot or an entry fails its checks (the server then refuses to start rather than serve
-        a state nobody wrote).
+        snapshot or an entry fails its checks, so that the server does not start with a state that
+        no writer produced.
         """
         try:
             await self._client.ping()
@@ -256,7 +256,7 @@ class RedisStore:
 
         Raises StaleVersionError when another replica recorded that version first, NotFoundError
         or AlreadyExistsError when the catalog disagrees, and UnavailableError when Redis cannot be
-        reached or refuses the write.
+        reached or rejects the write.
         """
         if self._link_problem is not None:
             raise UnavailableError(
@@ -272,10 +272,10 @@ class RedisStore:
                 "it was not acknowledged. Retry it when persistence is back"
             ) from error
         except ResponseError as error:
-            self._write_problem = f"Redis at {self.where} refuses writes: {error}"
-            logger.error("Redis refused the %s of index %r: %s", mutation.kind, mutation.name, error)
+            self._write_problem = f"Redis at {self.where} rejects writes: {error}"
+            logger.error("Redis rejected the %s of index %r: %s", mutation.kind, mutation.name, error)
             raise UnavailableError(
-                f"Redis at {self.where} refused the {mutation.kind} of index {mutation.name!r} ({error}); "
+                f"Redis at {self.where} rejected the {mutation.kind} of index {mutation.name!r} ({error}); "
                 "the index is unchanged. Fix Redis (memory, disk) and retry"
             ) from error
         self._write_problem = None
@@ -357,11 +357,32 @@ class RedisStore:
         if mutation.kind == "upload":
             assert mutation.index is not None
             snapshot_id = await self.write_snapshot(name, incarnation, mutation.index, mutation.version)
+
+        result = await self._record_entry(mutation, incarnation, snapshot_id)
+
+        status = result[0]
+        if status != b"ok" and snapshot_id:
+            await self._discard_snapshot(name, incarnation, snapshot_id)
+        if status == b"stale":
+            raise StaleVersionError(name, int(result[1]))
+        if status == b"missing":
+            raise NotFoundError(f"index {name!r} was deleted through another server")
+        if status != b"ok":
+            raise UnavailableError(
+                f"the snapshot for the {mutation.kind} of index {name!r} expired before it was committed; retry"
+            )
+        self._recorded[name] = mutation.version
+        if mutation.kind == "refit":
+            self._checkpoints.request(name)
+
+    async def _record_entry(self, mutation: Mutation, incarnation: str, snapshot_id: str) -> list[bytes]:
+        """Run the commit script for `mutation`; when it does not return, the upload's snapshot is discarded."""
+        name = mutation.name
         fields = encode_entry(mutation, self.chunk_bytes, snapshot=snapshot_id or None)
         keys = self._keys
         self._recording[name] = mutation.version
         try:
-            result = await self._commit(
+            result: list[bytes] = await self._commit(
                 keys=[keys.head(name, incarnation), keys.log(name, incarnation)],
                 args=[
                     incarnation,
@@ -379,20 +400,7 @@ class RedisStore:
             raise
         finally:
             self._recording.pop(name, None)
-        status = result[0]
-        if status != b"ok" and snapshot_id:
-            await self._discard_snapshot(name, incarnation, snapshot_id)
-        if status == b"stale":
-            raise StaleVersionError(name, int(result[1]))
-        if status == b"missing":
-            raise NotFoundError(f"index {name!r} was deleted through another server")
-        if status != b"ok":
-            raise UnavailableError(
-                f"the snapshot for the {mutation.kind} of index {name!r} expired before it was committed; retry"
-            )
-        self._recorded[name] = mutation.version
-        if mutation.kind == "refit":
-            self._checkpoints.request(name)
+        return result
 
     def _incarnation(self, name: str) -> str:
         incarnation = self._incarnations.get(name)
@@ -629,7 +637,7 @@ class RedisStore:
             await self._adopt_index(name, incarnation, _parse_catalog_value(value)[1])
 
     async def _adopt_index(self, name: str, incarnation: str, config: IndexConfig) -> None:
-        """Start serving index `name` as Redis holds it, replacing any local index of that name."""
+        """Start serving index `name` as Redis stores it, replacing any local index of that name."""
         registry = self._registry
         assert registry is not None
         version, index = 0, None
@@ -734,6 +742,9 @@ class RedisStore:
             start = current.version
             snapshot_id = head.get(b"snapshot")
             try:
+                if start > int(head[b"version"]):
+                    await self._push_newer_state(follower, int(head[b"version"]))
+                    return
                 if snapshot_id is not None and start < int(head[b"snapshot_version"]):
                     upload = Entry("upload", int(head[b"snapshot_version"]), snapshot=snapshot_id.decode())
                     await self._apply_upload(follower, upload)
@@ -743,6 +754,45 @@ class RedisStore:
             except (ReplayGapError, _SnapshotChangedError) as error:
                 logger.debug("index %r changed during catch-up (%s); reading it again", name, error)
         raise UnavailableError(f"index {name!r} kept changing while this server caught up with Redis")
+
+    async def _push_newer_state(self, follower: _Follower, redis_version: int) -> None:
+        """Write this server's state back over an older one: Redis lost acknowledged writes.
+
+        Happens after Redis restarted from data older than its last acknowledged write (an RDB file,
+        or an append-only file that missed its last second). The state goes in as an upload entry on
+        top of the version Redis has, so the other replicas load it too.
+        """
+        registry = self._registry
+        assert registry is not None
+        name, incarnation = follower.name, follower.incarnation
+        current = registry.current(name)
+        if current is None or current.index is None:
+            return
+        logger.warning(
+            "index %r: Redis has version %d but this server has %d; writing this server's state back",
+            name,
+            redis_version,
+            current.version,
+        )
+        snapshot_id = await self.write_snapshot(name, incarnation, current.index, current.version)
+        upload = Mutation("upload", name, current.version, index=current.index)
+        fields = encode_entry(upload, self.chunk_bytes, snapshot=snapshot_id)
+        keys = self._keys
+        self._recorded[name] = current.version
+        result = await self._commit(
+            keys=[keys.head(name, incarnation), keys.log(name, incarnation)],
+            args=[
+                incarnation,
+                redis_version,
+                current.version,
+                keys.base(name, incarnation),
+                snapshot_id,
+                *_flatten(fields),
+            ],
+        )
+        if result[0] != b"ok":
+            await self._discard_snapshot(name, incarnation, snapshot_id)
+            raise ReplayGapError(f"index {name!r} changed in Redis while its newer state was written back")
 
     # --------------------------------------------------------------------------- reconnecting
 
@@ -761,7 +811,7 @@ class RedisStore:
         if epoch is None:
             await self._write_back()
         elif epoch != self._epoch:
-            logger.warning("Redis at %s holds another data set than before; adopting its indexes", self.where)
+            logger.warning("Redis at %s contains a different data set than before; adopting its indexes", self.where)
             self._epoch = epoch
             await self._sync_catalog()
         else:
@@ -778,17 +828,42 @@ class RedisStore:
             name.decode(): _parse_catalog_value(value)
             for name, value in (await self._client.hgetall(self._keys.indexes)).items()
         }
-        for name, incarnation in list(self._incarnations.items()):
-            if name not in catalog or catalog[name][0] != incarnation:
-                self._forget(name, incarnation)
-                if name not in catalog:
-                    await registry.remove_replicated(name)
+        missing = {
+            name: incarnation
+            for name, incarnation in self._incarnations.items()
+            if name not in catalog or catalog[name][0] != incarnation
+        }
+        deleted = await self._deleted_since(self._catalog_last_id) if missing else set()
+        for name, incarnation in missing.items():
+            if name not in catalog and deleted is not None and incarnation not in deleted:
+                # No delete was recorded after the last event this server read: Redis lost the
+                # index (it restarted from older data), so this server writes it back.
+                logger.warning("index %r is missing from Redis without a delete; writing it back", name)
+                await self._write_back_index(registry, name)
+                continue
+            self._forget(name, incarnation)
+            if name not in catalog:
+                await registry.remove_replicated(name)
         for name, (incarnation, config) in sorted(catalog.items()):
             if self._incarnations.get(name) != incarnation:
                 await self._adopt_index(name, incarnation, config)
             else:
                 await self._catch_up(self._followers[name])
         self._catalog_last_id = last_id
+
+    async def _deleted_since(self, last_id: bytes | str) -> set[str] | None:
+        """Return the incarnations deleted after catalog event `last_id`.
+
+        Returns None when the catalog stream was trimmed past `last_id`, so deletes may be missing.
+        """
+        oldest = await self._client.xrange(self._keys.catalog, count=1)
+        if oldest and last_id != "0-0" and _stream_id(oldest[0][0]) > _stream_id(last_id):
+            return None
+        deleted = set()
+        for _, fields in await self._client.xrange(self._keys.catalog, min=f"({_text(last_id)}", max="+"):
+            if fields[b"kind"] == b"delete":
+                deleted.add(fields[b"incarnation"].decode())
+        return deleted
 
     async def _write_back(self) -> None:
         """Redis came back without this data set (it lost it): write this server's indexes back.
@@ -826,12 +901,20 @@ class RedisStore:
         self._own_events.add(("create", incarnation))
         if snapshot.index is None:
             fields = encode_entry(Mutation("create", name, 0, config=state.config), self.chunk_bytes)
-            await self._create_index(name, incarnation, state.config, snapshot.version, fields, snapshot_id="")
+            result = await self._create_index(name, incarnation, state.config, snapshot.version, fields, snapshot_id="")
         else:
             snapshot_id = await self.write_snapshot(name, incarnation, snapshot.index, snapshot.version)
             upload = Mutation("upload", name, snapshot.version, index=snapshot.index)
             fields = encode_entry(upload, self.chunk_bytes, snapshot=snapshot_id)
-            await self._create_index(name, incarnation, state.config, snapshot.version, fields, snapshot_id=snapshot_id)
+            result = await self._create_index(
+                name, incarnation, state.config, snapshot.version, fields, snapshot_id=snapshot_id
+            )
+            if result != b"ok":
+                await self._discard_snapshot(name, incarnation, snapshot_id)
+        if result != b"ok":
+            self._own_events.discard(("create", incarnation))
+            # Another server wrote it back first; the next reconnection attempt adopts its copy.
+            raise UnavailableError(f"index {name!r} was written back to Redis by another server; adopting it")
         self._incarnations[name] = incarnation
         self._start_follower(name, incarnation, snapshot.version)
 
@@ -842,7 +925,7 @@ class RedisStore:
         try:
             await self._client.set(self._keys.probe, b"1", px=10_000)
         except ResponseError as error:
-            self._write_problem = f"Redis at {self.where} refuses writes: {error}"
+            self._write_problem = f"Redis at {self.where} rejects writes: {error}"
             return
         logger.info("Redis at %s accepts writes again", self.where)
         self._write_problem = None
@@ -935,6 +1018,15 @@ def _parse_catalog_value(value: bytes) -> tuple[str, IndexConfig]:
         return str(parsed["incarnation"]), IndexConfig.from_dict(parsed["config"])
     except (ValueError, KeyError, TypeError) as error:
         raise CorruptDataError(f"a catalog entry is malformed: {error!r}") from None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    milliseconds, _, sequence = _text(value).partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def _flatten(fields: Mapping[str, bytes | memoryview]) -> list[str | bytes | memoryview]:
