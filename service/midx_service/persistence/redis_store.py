@@ -177,10 +177,9 @@ class RedisStore:
         self._followers: dict[str, _Follower] = {}
         # Catalog events this server caused itself, which the reader skips: (kind, incarnation).
         self._own_events: set[tuple[str, str]] = set()
-        # Per index, the version this server is recording now and the newest one it recorded, so
-        # its own upload entries are not read back from Redis.
-        self._recording: dict[str, int] = {}
-        self._recorded: dict[str, int] = {}
+        # Snapshots of uploads this server is recording or recorded, so its follower does not read
+        # back what its writer already swapped in.
+        self._own_uploads: set[str] = set()
         self._epoch: bytes | None = None
         self._catalog_last_id: bytes | str = "0-0"
         self._link_problem: str | None = None
@@ -299,7 +298,6 @@ class RedisStore:
             self._own_events.discard(("create", incarnation))
             raise AlreadyExistsError(f"index {name!r} exists already; delete it first or pick another name")
         self._incarnations[name] = incarnation
-        self._recorded.pop(name, None)
         self._start_follower(name, incarnation, 0)
 
     async def _create_index(
@@ -345,10 +343,11 @@ class RedisStore:
             ],
             args=[name, incarnation, keys.base(name, incarnation), _CATALOG_LENGTH],
         )
-        self._forget(name, incarnation)
         if result != b"ok":
+            # The catalog event of the other server's delete removes the index here.
             self._own_events.discard(("delete", incarnation))
             raise NotFoundError(f"index {name!r} was deleted through another server")
+        self._forget(name, incarnation)
 
     async def _append_change(self, mutation: Mutation) -> None:
         name = mutation.name
@@ -371,7 +370,6 @@ class RedisStore:
             raise UnavailableError(
                 f"the snapshot for the {mutation.kind} of index {name!r} expired before it was committed; retry"
             )
-        self._recorded[name] = mutation.version
         if mutation.kind == "refit":
             self._checkpoints.request(name)
 
@@ -380,7 +378,8 @@ class RedisStore:
         name = mutation.name
         fields = encode_entry(mutation, self.chunk_bytes, snapshot=snapshot_id or None)
         keys = self._keys
-        self._recording[name] = mutation.version
+        if snapshot_id:
+            self._own_uploads.add(snapshot_id)
         try:
             result: list[bytes] = await self._commit(
                 keys=[keys.head(name, incarnation), keys.log(name, incarnation)],
@@ -395,11 +394,12 @@ class RedisStore:
             )
         except BaseException:
             if snapshot_id:
+                self._own_uploads.discard(snapshot_id)
                 with contextlib.suppress(RedisError, OSError):
                     await self._discard_snapshot(name, incarnation, snapshot_id)
             raise
-        finally:
-            self._recording.pop(name, None)
+        if result[0] != b"ok":
+            self._own_uploads.discard(snapshot_id)
         return result
 
     def _incarnation(self, name: str) -> str:
@@ -561,7 +561,6 @@ class RedisStore:
     def _forget(self, name: str, incarnation: str) -> None:
         if self._incarnations.get(name) == incarnation:
             del self._incarnations[name]
-            self._recorded.pop(name, None)
         follower = self._followers.get(name)
         if follower is not None and follower.incarnation == incarnation:
             del self._followers[name]
@@ -715,9 +714,11 @@ class RedisStore:
         registry = self._registry
         assert registry is not None and entry.snapshot is not None
         name = follower.name
-        own = entry.version == self._recording.get(name) or entry.version <= self._recorded.get(name, -1)
+        # This server's own upload is swapped in by its writer right after the script returns.
+        own = entry.snapshot in self._own_uploads
         if own and await registry.wait_for_version(name, entry.version, _CATCH_UP_TIMEOUT_SECONDS):
-            return  # this server's own upload, swapped in by its writer
+            self._own_uploads.discard(entry.snapshot)
+            return
         current = registry.current(name)
         if current is not None and current.version >= entry.version:
             return
@@ -778,7 +779,7 @@ class RedisStore:
         upload = Mutation("upload", name, current.version, index=current.index)
         fields = encode_entry(upload, self.chunk_bytes, snapshot=snapshot_id)
         keys = self._keys
-        self._recorded[name] = current.version
+        self._own_uploads.add(snapshot_id)
         result = await self._commit(
             keys=[keys.head(name, incarnation), keys.log(name, incarnation)],
             args=[
@@ -791,6 +792,7 @@ class RedisStore:
             ],
         )
         if result[0] != b"ok":
+            self._own_uploads.discard(snapshot_id)
             await self._discard_snapshot(name, incarnation, snapshot_id)
             raise ReplayGapError(f"index {name!r} changed in Redis while its newer state was written back")
 
