@@ -16,12 +16,12 @@ import redis
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll `condition` every 20 ms until it is true; fail with `what` after `timeout` seconds."""
+def wait_until(condition: Callable[[], object], timeout: float, description: str) -> None:
+    """Poll `condition` every 20 ms until it is true; fail with `description` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {description}")
         time.sleep(0.02)
 
 
