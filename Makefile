@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo bench test lint typecheck pytest proto clean
+.PHONY: install demo bench loadtest test lint typecheck pytest proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/midx-sampler bench
+
+# A 5-minute load test against a server on loopback; the report goes to out/loadtest.
+loadtest: $(STAMP)
+	$(BIN)/python loadtest/run.py --run-time-seconds 300 --out out/loadtest
 
 lint: $(STAMP)
 	$(BIN)/ruff check service client tests scripts loadtest

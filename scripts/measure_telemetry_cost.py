@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.core.learned import code_marginals
 from midx_service.core.telemetry import measure_quality

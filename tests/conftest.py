@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from midx_service.server import SamplerServer
 from midx_service.settings import Settings, load_settings
 

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import numpy as np
+
 from midx_client._proto import sampler_pb2 as _pb
 from midx_client._proto import sampler_pb2_grpc as _pb_grpc
-
 from midx_service.arrays import FLOAT_DTYPES, ID_DTYPES, from_tensor
 from midx_service.errors import (
     AlreadyExistsError,

@@ -12,8 +12,8 @@ import grpc
 import grpc.aio
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from midx_client._proto import sampler_pb2_grpc as _pb_grpc
 
+from midx_client._proto import sampler_pb2_grpc as _pb_grpc
 from midx_service.grpc_server import SamplerServicer, TokenInterceptor
 from midx_service.metrics import Metrics
 from midx_service.registry import IndexRegistry, MutationStore

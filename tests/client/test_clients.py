@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from midx_client import (
     AsyncRestSamplerClient,
     AsyncSamplerClient,
@@ -24,7 +25,6 @@ from midx_client import (
 )
 from midx_client._convert import info_from_json
 from midx_service.core import IndexConfig, MidxIndex
-
 from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8

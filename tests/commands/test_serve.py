@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from midx_service.commands import serve
 from midx_service.settings import InvalidSettingsError, Settings, load_settings
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import InvalidArgumentError
-
 from tests.core.conftest import assert_draws_follow, brute_force_log_q, exact_log_softmax
 
 VARIANTS = list(itertools.product(["rq", "pq"], ["uniform", "popularity"], ["dot", "cosine"]))
@@ -338,3 +338,14 @@ def test_build_rejects_bad_weights(table, options, weights, message):
 def test_config_rejects_bad_options(options, message):
     with pytest.raises(InvalidArgumentError, match=message):
         IndexConfig(dim=8, **options)
+
+
+def test_update_keeps_quantisation_error_exact(table):
+    index = build(table, num_codewords=4)
+    rows = torch.randn(30, 8, generator=torch.Generator().manual_seed(4)) * 4
+    rows[3] = 0.0
+
+    updated = index.update_rows(torch.cat([torch.arange(0, 50, 2), torch.arange(300, 305)]), rows)
+
+    rebuilt = MidxIndex.from_state_dict(updated.state_dict())
+    assert updated.quantization_error == pytest.approx(rebuilt.quantization_error, rel=1e-9)

@@ -12,10 +12,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from midx_client._proto import sampler_pb2 as pb
 from midx_client._proto import sampler_pb2_grpc as pb_grpc
 from midx_service.core.telemetry import measure_quality
-
 from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8

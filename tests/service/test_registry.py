@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import (
     FailedPreconditionError,
@@ -17,7 +18,6 @@ from midx_service.errors import (
     UnavailableError,
 )
 from midx_service.registry import IndexRegistry, IndexStatus, Mutation, RestoredIndex
-
 from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 6

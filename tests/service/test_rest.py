@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from midx_service.core import IndexConfig, MidxIndex
-from midx_service.core.telemetry import measure_quality
 from prometheus_client.parser import text_string_to_metric_families
 
+from midx_service.core import IndexConfig, MidxIndex
+from midx_service.core.telemetry import measure_quality
 from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from midx_service.core import IndexConfig
 from midx_service.core.telemetry import measure_quality
 from midx_service.registry import IndexRegistry

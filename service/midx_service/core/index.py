@@ -66,6 +66,7 @@ class MidxIndex:
         row_error: torch.Tensor,
         fit_quantization_error: float,
         codebook_fit: str = "kmeans",
+        error_totals: tuple[float, int] | None = None,
     ) -> None:
         self.config = config
         self.codebook_fit = codebook_fit
@@ -75,6 +76,9 @@ class MidxIndex:
         self.codebooks = codebooks
         self.codes = codes
         self._row_error = row_error
+        # (sum of row_error, count) over rows of nonzero norm, kept up to date by row updates in
+        # O(rows changed) so quantization_error never rescans the table.
+        self._error_totals = _error_totals(row_error, embeddings) if error_totals is None else error_totals
         self.fit_quantization_error = fit_quantization_error
         popularity = config.last_stage == "popularity"
         self.cells: Cells = build_cells(codes, config.num_codewords, weights if popularity else None)
@@ -170,7 +174,9 @@ class MidxIndex:
         codes = self._grow(self.codes, new_size)
         codes[id_vector] = self.codebooks.encode(rows)
         row_error = self._grow(self._row_error, new_size)
-        row_error[id_vector] = relative_residual_norms(rows, self.codebooks, codes[id_vector])
+        new_errors = relative_residual_norms(rows, self.codebooks, codes[id_vector])
+        row_error[id_vector] = new_errors
+        totals = self._updated_error_totals(id_vector, rows, new_errors)
         return MidxIndex(
             self.config,
             table,
@@ -180,7 +186,19 @@ class MidxIndex:
             row_error,
             self.fit_quantization_error,
             codebook_fit=self.codebook_fit,
+            error_totals=totals,
         )
+
+    def _updated_error_totals(
+        self, ids: torch.Tensor, rows: torch.Tensor, new_errors: torch.Tensor
+    ) -> tuple[float, int]:
+        error_sum, count = self._error_totals
+        replaced = ids[ids < self.num_classes]
+        old_errors, old_nonzero = _error_terms(self._row_error[replaced], self.embeddings[replaced])
+        errors, nonzero = _error_terms(new_errors, rows)
+        error_sum += errors - old_errors
+        count += nonzero - old_nonzero
+        return max(error_sum, 0.0), count
 
     def refit(
         self,
@@ -247,7 +265,8 @@ class MidxIndex:
     @property
     def quantization_error(self) -> float:
         """Mean over rows of nonzero norm of ||row - reconstruction|| / ||row||."""
-        return _mean_error(self._row_error, self.embeddings)
+        error_sum, count = self._error_totals
+        return error_sum / count if count else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """Return everything needed to rebuild this snapshot exactly (tensors on the CPU)."""
@@ -628,10 +647,19 @@ def relative_residual_norms(rows: torch.Tensor, codebooks: Codebooks, codes: tor
     return torch.where(norms > 0, residual / torch.where(norms > 0, norms, 1.0), 0.0)
 
 
+def _error_terms(row_error: torch.Tensor, rows: torch.Tensor) -> tuple[float, int]:
+    """Return the sum of row_error and the count over the rows of nonzero norm."""
+    nonzero = rows.abs().amax(dim=1) > 0
+    return float(row_error[nonzero].double().sum()), int(nonzero.sum())
+
+
+def _error_totals(row_error: torch.Tensor, table: torch.Tensor) -> tuple[float, int]:
+    return _error_terms(row_error, table)
+
+
 def _mean_error(row_error: torch.Tensor, table: torch.Tensor) -> float:
-    nonzero = table.abs().amax(dim=1) > 0
-    count = int(nonzero.sum())
-    return float(row_error[nonzero].double().sum()) / count if count else 0.0
+    error_sum, count = _error_terms(row_error, table)
+    return error_sum / count if count else 0.0
 
 
 def _first_duplicate(ids: torch.Tensor) -> int:
