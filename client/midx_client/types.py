@@ -15,7 +15,7 @@ class ProposalQuality:
     queries (None when num_queries is 0, inf when Q gives no mass to classes P can draw).
     kl_at_fit: the KL measured first after the current codebooks were fitted (the KL refit policy's
     reference), or None. effective_sample_fraction: mean effective sample size of importance-weighted
-    draws from Q per draw, in (0, 1], 1 when Q = P. empty_cell_fraction: share of the K * K cells
+    draws from Q per draw, in [0, 1], 1 when Q = P. empty_cell_fraction: share of the K * K cells
     without a class. largest_cell_fraction: share of all classes in the most populated cell.
     quantization_error_ratio: quantisation error over the one at the last fit (above 1: stale).
     codeword_drift: mean distance from each codeword to the mean of its assigned vectors, relative to

@@ -87,7 +87,7 @@ class ProposalQualityBody(BaseModel):
         description="mean KL(P || Q) in nats; null without queries, or when infinite (num_queries > 0)"
     )
     kl_at_fit: float | None = Field(description="the KL measured first after the current codebooks were fitted")
-    effective_sample_fraction: float | None = Field(description="mean effective sample size per draw, in (0, 1]")
+    effective_sample_fraction: float | None = Field(description="mean effective sample size per draw, in [0, 1]")
     empty_cell_fraction: float = Field(description="share of the K * K cells that hold no class")
     largest_cell_fraction: float = Field(description="share of all classes held by the most populated cell")
     quantization_error_ratio: float = Field(description="quantisation error over the one at the last fit")

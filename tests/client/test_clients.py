@@ -292,6 +292,21 @@ def test_async_clients_rebuild_with_mode(server: Any, table: np.ndarray) -> None
         assert not info.last_refit.accepted
 
 
+def test_infinite_kl_reaches_client(client: Any, server: Any, table: np.ndarray) -> None:
+    client.create_index("popular", DIM, num_codewords=8, last_stage="popularity")
+    weights = np.ones(NUM_CLASSES)
+    weights[:10] = 0.0  # classes the softmax can draw but Q never proposes: the KL is infinite
+    client.upload_embeddings("popular", table, weights)
+    client.sample("popular", _queries(8), 2)
+    server.call(server.server.monitor.measure("popular"))
+
+    info = client.get_index("popular")
+
+    assert info.quality.num_queries == 8
+    assert info.quality.kl == math.inf
+    assert info.quality.effective_sample_fraction == 0.0
+
+
 def test_infinite_kl_survives_json() -> None:
     body = {
         "name": "words",
