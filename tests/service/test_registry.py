@@ -445,3 +445,27 @@ def test_kl_refit_keeps_rows_updated_while_it_ran(monkeypatch: pytest.MonkeyPatc
     np.testing.assert_allclose(index.embeddings[[5, 240]].numpy(), rows)
     # The replayed rows are coded with the learned codebooks, not the ones they were updated with.
     np.testing.assert_array_equal(index.codes[[5, 240]].numpy(), index.codebooks.encode(index.embeddings[[5, 240]]))
+
+
+def test_refit_requests_join_or_queue() -> None:
+    async def scenario() -> tuple[list[int], list[int], Any]:
+        registry = IndexRegistry(refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        # Two k-means requests at once share one refit.
+        joined = await asyncio.gather(registry.refit("words"), registry.refit("words"))
+        # A kl request with its own queries waits for the running k-means refit, then runs.
+        queued = await asyncio.gather(
+            registry.refit("words"), registry.refit("words", "kl", np.zeros((16, DIM), np.float32))
+        )
+        state = registry.state("words")
+        await registry.close()
+        return list(joined), list(queued), state
+
+    joined, queued, state = run(scenario())
+
+    assert joined == [2, 2]
+    assert queued == [3, 3]
+    assert state.version == 3
+    assert state.last_refit.mode == "kl"
+    assert not state.last_refit.accepted
