@@ -119,11 +119,12 @@ def test_kl_growth_triggers_refit(auto_refit_mode: str) -> None:
     async def scenario() -> tuple[Any, Any, Any, Any]:
         registry = await _ready_registry(auto_refit_mode=auto_refit_mode, kl_refit_time_budget_seconds=5)
         monitor = TelemetryMonitor(registry, interval_seconds=0, sample_size=64, refit_kl_ratio=1.5)
-        monitor.start()
         refitted = asyncio.Event()
         registry.add_fit_listener(lambda name: refitted.set())
         registry.record_queries("words", _array(1, 64))
         reference = await monitor.measure("words")
+        # Started only now, so its first background measurement cannot supersede the one above.
+        monitor.start()
         # Tripling every row sharpens P while the old codebooks keep Q where it was: the KL grows.
         await registry.update("words", np.arange(NUM_CLASSES), _array(0, NUM_CLASSES) * 3)
         grown = await monitor.measure("words")
@@ -168,9 +169,9 @@ def test_refit_restarts_reference_and_is_measured() -> None:
     async def scenario() -> tuple[Any, Any]:
         registry = await _ready_registry()
         monitor = TelemetryMonitor(registry, interval_seconds=0, sample_size=64)
-        monitor.start()
         registry.record_queries("words", _array(1, 64))
         before = await monitor.measure("words")
+        monitor.start()
         await registry.refit("words")
         # The monitor measures after every refit; the new measurement is the new reference.
         await _wait_for(lambda: registry.state("words").quality.version == 2)
