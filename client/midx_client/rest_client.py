@@ -216,8 +216,8 @@ class RestSamplerClient:
         num_ids = len(body["ids"][0]) if body["ids"] else 0
         return _requests.log_prob_result_from_json(response, len(body["queries"]), num_ids, output)
 
-    def rebuild(self, name: str) -> int:
-        return int(self._request("POST", f"/v1/indexes/{name}/rebuild")["version"])
+    def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
+        return int(self._post_json(f"/v1/indexes/{name}/rebuild", _requests.rebuild_body(mode, queries))["version"])
 
     def close(self) -> None:
         self._http.close()
@@ -344,8 +344,9 @@ class AsyncRestSamplerClient:
         num_ids = len(body["ids"][0]) if body["ids"] else 0
         return _requests.log_prob_result_from_json(response, len(body["queries"]), num_ids, output)
 
-    async def rebuild(self, name: str) -> int:
-        return int((await self._request("POST", f"/v1/indexes/{name}/rebuild"))["version"])
+    async def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
+        response = await self._post_json(f"/v1/indexes/{name}/rebuild", _requests.rebuild_body(mode, queries))
+        return int(response["version"])
 
     async def close(self) -> None:
         await self._http.aclose()

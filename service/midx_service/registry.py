@@ -1,7 +1,7 @@
 """The registry of named indexes: versions, immutable snapshot swaps, writers, background refits.
 
 Every index has a config, a status ("empty", "building", "ready", "failed") and a version that grows by
-one with every accepted mutation (table upload, row update, codebook refit). Readers take the current
+one with every accepted mutation (table upload, row update, accepted codebook refit). Readers take the current
 `Snapshot`, an immutable (version, MidxIndex) pair, so no response mixes two versions. A mutation builds the
 next MidxIndex on the compute thread pool while holding the index's writer lock, records it in the
 `MutationStore`, and only then swaps it in and acknowledges it.
@@ -40,6 +40,9 @@ import numpy as np
 import torch
 
 from midx_service.core import IndexConfig, MidxIndex
+from midx_service.core.learned import MIN_QUERIES, KlFitReport, fit_kl_codebooks
+from midx_service.core.quantizer import Codebooks
+from midx_service.core.telemetry import ProposalQuality
 from midx_service.core.validation import as_float_matrix, as_weight_vector
 from midx_service.errors import (
     AlreadyExistsError,
@@ -47,8 +50,11 @@ from midx_service.errors import (
     InvalidArgumentError,
     MidxError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
 )
+from midx_service.reports import REFIT_MODES, QualityMeasurement, RefitMode, RefitReport, RefitTrigger
+from midx_service.reservoir import QueryReservoir
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,9 @@ class IndexState:
     device: str
     error: str
     build_seconds: float
+    codebook_fit: str = "kmeans"
+    quality: QualityMeasurement | None = None
+    last_refit: RefitReport | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,24 @@ class InMemoryStore:
         return None
 
 
+@dataclass(frozen=True)
+class _RefitRequest:
+    """One refit to run: for mode "kl", the (R, D) float32 CPU queries it learns from."""
+
+    mode: RefitMode
+    trigger: RefitTrigger
+    queries: torch.Tensor | None = None
+    uploaded: bool = False
+
+
+@dataclass(frozen=True)
+class _KlBaseline:
+    """The KL measured first on a set of codebooks, which the KL refit policy compares against."""
+
+    codebooks: Codebooks
+    kl: float
+
+
 @dataclass(eq=False)
 class _Entry:
     name: str
@@ -220,6 +247,12 @@ class _Entry:
     # Ids changed by row updates while a refit runs; they are re-encoded with the new codebooks.
     refit_changes: list[torch.Tensor] | None = None
     refit_task: asyncio.Task[int] | None = None
+    refit_mode: RefitMode = "kmeans"
+    last_refit: RefitReport | None = None
+    # Recent served queries, created on the first one recorded.
+    reservoir: QueryReservoir | None = None
+    quality: QualityMeasurement | None = None
+    kl_baseline: _KlBaseline | None = None
     # Measuring the quantisation error walks the whole table, so row updates leave it to a background
     # task. The value lags the current version until that task catches up.
     quantization_error: float = 0.0
@@ -235,6 +268,10 @@ class IndexRegistry:
     that runs builds, updates and sampling off the event loop. min_version_timeout_seconds: how long
     a request with min_version waits for that version. refit_error_ratio: a background refit starts
     when quantization_error exceeds this multiple of the error measured at the last fit (0 disables).
+    reservoir_size: recent query rows kept per index for telemetry and KL refits (0 keeps none).
+    auto_refit_mode: the mode of refits the policies start, "kmeans" or "kl" (a "kl" one falls back
+    to k-means while the index has served fewer than 8 queries). kl_refit_time_budget_seconds and
+    kl_refit_max_queries bound a KL refit's wall time and the queries it learns from.
     """
 
     def __init__(
@@ -246,12 +283,21 @@ class IndexRegistry:
         min_version_timeout_seconds: float = 10.0,
         refit_error_ratio: float = 1.5,
         seed: int = 0,
+        reservoir_size: int = 4096,
+        auto_refit_mode: RefitMode = "kmeans",
+        kl_refit_time_budget_seconds: float = 120.0,
+        kl_refit_max_queries: int = 1024,
     ) -> None:
         self.device = torch.device(device)
         self.store: MutationStore = store if store is not None else InMemoryStore()
         self.min_version_timeout_seconds = min_version_timeout_seconds
         self.refit_error_ratio = refit_error_ratio
         self.seed = seed
+        self.reservoir_size = reservoir_size
+        self.auto_refit_mode: RefitMode = auto_refit_mode
+        self.kl_refit_time_budget_seconds = kl_refit_time_budget_seconds
+        self.kl_refit_max_queries = kl_refit_max_queries
+        self._fit_listeners: list[Callable[[str], None]] = []
         self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="midx-compute")
         self._entries: dict[str, _Entry] = {}
         # Notified when an index is added, so a min_version request can wait for a replica's create.
@@ -347,6 +393,85 @@ class IndexRegistry:
         async with self._added:
             self._added.notify_all()
 
+    # ------------------------------------------------------------------- served queries, quality
+
+    def record_queries(self, name: str, queries: Any) -> None:
+        """Keep the rows of a served (B, D) query batch in the index's reservoir of recent queries.
+
+        Call it only with queries the index accepted. Rows of another shape and unknown indexes are
+        ignored, so recording never fails a request that already succeeded.
+        """
+        entry = self._entries.get(name)
+        if entry is None or self.reservoir_size == 0:
+            return
+        rows = np.asarray(queries)
+        if rows.ndim != 2 or rows.shape[1] != entry.config.dim or rows.shape[0] == 0:
+            return
+        if entry.reservoir is None:
+            entry.reservoir = QueryReservoir(self.reservoir_size, entry.config.dim)
+        entry.reservoir.add(rows)
+
+    def recent_queries(self, name: str, max_rows: int | None = None) -> np.ndarray:
+        """Return a copy of the index's most recent served queries, (R, D) float32 with R <= max_rows."""
+        entry = self._entry(name)
+        if entry.reservoir is None:
+            return np.zeros((0, entry.config.dim), dtype=np.float32)
+        return entry.reservoir.recent(max_rows)
+
+    def queries_recorded(self, name: str) -> int:
+        """Return how many query rows the index has recorded since it was created."""
+        reservoir = self._entry(name).reservoir
+        return 0 if reservoir is None else reservoir.total_rows
+
+    def record_quality(
+        self,
+        name: str,
+        snapshot: Snapshot,
+        quality: ProposalQuality,
+        measured_at: float,
+        *,
+        sets_baseline: bool = True,
+    ) -> QualityMeasurement | None:
+        """Cache `quality`, measured on `snapshot` with the queries held at Unix time `measured_at`.
+
+        The first KL measured on a set of codebooks becomes `kl_at_fit`, the reference of the KL refit
+        policy, when `sets_baseline` is true (the caller passes false for a sample too small to
+        compare with). Returns the cached measurement, or None, caching nothing, when the index is
+        gone, `snapshot` has no table, or a measurement that started later was cached already.
+        """
+        entry = self._entries.get(name)
+        measured = snapshot.index
+        if entry is None or entry.deleted or measured is None:
+            return None
+        cached = entry.quality
+        if cached is not None and (cached.version, cached.measured_at) > (snapshot.version, measured_at):
+            return None
+
+        current = entry.current.index
+        baseline = entry.kl_baseline
+        fit_is_current = current is not None and current.codebooks is measured.codebooks
+        baseline_is_stale = baseline is None or baseline.codebooks is not measured.codebooks
+        if fit_is_current and baseline_is_stale and sets_baseline and quality.kl is not None:
+            baseline = entry.kl_baseline = _KlBaseline(measured.codebooks, quality.kl)
+        kl_at_fit = None
+        if baseline is not None and baseline.codebooks is measured.codebooks:
+            kl_at_fit = baseline.kl
+
+        measurement = QualityMeasurement(snapshot.version, measured_at, quality, kl_at_fit)
+        entry.quality = measurement
+        return measurement
+
+    def add_fit_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(name)` on the event loop after every table build and every finished refit."""
+        self._fit_listeners.append(listener)
+
+    def _notify_fit(self, entry: _Entry) -> None:
+        for listener in self._fit_listeners:
+            try:
+                listener(entry.name)
+            except Exception:
+                logger.exception("a fit listener failed for index %r", entry.name)
+
     async def _wait_for_version(self, entry: _Entry, min_version: int) -> None:
         timeout = self.min_version_timeout_seconds
         try:
@@ -428,6 +553,7 @@ class IndexRegistry:
         logger.info(
             "index %r version %d: table of %d classes uploaded", name, snapshot.version, snapshot.index.num_classes
         )
+        self._notify_fit(entry)
         return snapshot.version
 
     async def update(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
@@ -450,13 +576,81 @@ class IndexRegistry:
         self._measure_error(entry)
         return snapshot.version
 
-    async def refit(self, name: str) -> int:
-        """Refit the codebooks now (or join a running refit); return the version that contains them."""
+    async def refit(self, name: str, mode: str = "kmeans", queries: Any | None = None) -> int:
+        """Refit the codebooks now; return the version that contains the result.
+
+        mode "kmeans" refits by k-means warm-started from the current codebooks. Mode "kl" learns
+        codebooks that lower KL(P || Q) on `queries` (R, D), or on the index's most recent served
+        queries when None. It swaps them in only when they lower the KL on held-out queries, else
+        the index and its version stay as they are. Either way `last_refit` records the outcome.
+        A request joins a running refit of the same mode unless it brings its own queries. Else it
+        waits for the running refit and then starts its own.
+
+        Raises InvalidArgumentError (unknown mode, malformed queries or queries with mode "kmeans"),
+        ResourceExhaustedError (more than kl_refit_max_queries queries) and FailedPreconditionError
+        (no table yet, or fewer than 8 served queries for mode "kl"); none of them changes the index.
+        """
         entry = self._entry(name)
         self._check_live(entry)
         if entry.current.index is None:
             raise _no_table_error(entry)
-        return await asyncio.shield(self._start_refit(entry))
+        request = self._refit_request(entry, mode, queries, "request")
+        while True:
+            running = entry.refit_task
+            if running is None or running.done():
+                return await asyncio.shield(self._start_refit(entry, request))
+            if entry.refit_mode == request.mode and not request.uploaded:
+                return await asyncio.shield(running)
+            await asyncio.wait([running])
+            self._check_live(entry)
+
+    def start_automatic_refit(self, name: str, trigger: RefitTrigger) -> bool:
+        """Start a background refit in auto_refit_mode unless one runs; return whether one started."""
+        entry = self._entries.get(name)
+        return entry is not None and self._start_automatic_refit(entry, trigger)
+
+    def _start_automatic_refit(self, entry: _Entry, trigger: RefitTrigger) -> bool:
+        running = entry.refit_task is not None and not entry.refit_task.done()
+        if entry.deleted or entry.current.index is None or running:
+            return False
+        try:
+            request = self._refit_request(entry, self.auto_refit_mode, None, trigger)
+        except FailedPreconditionError as error:
+            logger.info("index %r: %s; refitting with k-means instead", entry.name, error)
+            request = _RefitRequest("kmeans", trigger)
+        self._start_refit(entry, request)
+        return True
+
+    def _refit_request(self, entry: _Entry, mode: str, queries: Any | None, trigger: RefitTrigger) -> _RefitRequest:
+        """Check a refit's mode and queries and take the queries a KL refit learns from."""
+        if mode not in REFIT_MODES:
+            raise InvalidArgumentError(f"mode must be 'kmeans' or 'kl', got {mode!r}")
+        if mode == "kmeans":
+            if queries is not None:
+                raise InvalidArgumentError("queries are used only by mode 'kl'; drop them or set mode to 'kl'")
+            return _RefitRequest("kmeans", trigger)
+
+        if queries is None:
+            matrix = torch.from_numpy(self.recent_queries(entry.name, self.kl_refit_max_queries))
+            if matrix.shape[0] < MIN_QUERIES:
+                raise FailedPreconditionError(
+                    f"index {entry.name!r} has {matrix.shape[0]} recent queries, a 'kl' refit needs at least "
+                    f"{MIN_QUERIES}; serve more sample or log-prob requests, or send queries with the rebuild"
+                )
+            return _RefitRequest("kl", trigger, matrix)
+
+        matrix = as_float_matrix(queries, "queries", entry.config.dim, torch.device("cpu"))
+        limit = self.kl_refit_max_queries
+        if matrix.shape[0] > limit:
+            raise ResourceExhaustedError(
+                f"queries has {matrix.shape[0]} rows, above the limit of {limit} (MIDX_KL_REFIT_MAX_QUERIES); "
+                "send fewer queries"
+            )
+        if matrix.shape[0] < MIN_QUERIES:
+            raise InvalidArgumentError(
+                f"queries has {matrix.shape[0]} rows, a 'kl' refit needs at least {MIN_QUERIES}; send more queries"
+            )
+        return _RefitRequest("kl", trigger, matrix, uploaded=True)
 
     def _measure_error(self, entry: _Entry) -> None:
         """Start measuring the quantisation error in the background, unless a measurement runs."""
@@ -492,12 +686,13 @@ class IndexRegistry:
                 self.refit_error_ratio,
                 fitted,
             )
-            self._start_refit(entry)
+            self._start_automatic_refit(entry, "quantization_error")
 
-    def _start_refit(self, entry: _Entry) -> asyncio.Task[int]:
+    def _start_refit(self, entry: _Entry, request: _RefitRequest) -> asyncio.Task[int]:
         if entry.refit_task is None or entry.refit_task.done():
-            task = asyncio.create_task(self._run_refit(entry), name=f"refit-{entry.name}")
+            task = asyncio.create_task(self._run_refit(entry, request), name=f"refit-{entry.name}")
             entry.refit_task = task
+            entry.refit_mode = request.mode
             self._background.add(task)
             task.add_done_callback(lambda done: self._refit_done(entry, done))
         return entry.refit_task
@@ -509,11 +704,11 @@ class IndexRegistry:
         if not task.cancelled() and task.exception() is not None:
             logger.error("refit of index %r failed: %s", entry.name, task.exception())
 
-    async def _run_refit(self, entry: _Entry) -> int:
+    async def _run_refit(self, entry: _Entry, request: _RefitRequest) -> int:
         refits_before = entry.refit_count
         async with self.store.refit_lock(entry.name):
             self._check_live(entry)
-            if entry.refit_count != refits_before:
+            if entry.refit_count != refits_before and not request.uploaded:
                 # Another replica refitted while this one waited for the lock; its codebooks are here now.
                 return entry.current.version
             base = entry.current
@@ -521,12 +716,29 @@ class IndexRegistry:
                 raise _no_table_error(entry)
             generation = entry.table_generation
             entry.refit_changes = []
+            started = time.perf_counter()
             try:
-                refitted = await self.compute(base.index.refit, seed=self.seed)
+                fit: KlFitReport | None = None
+                if request.mode == "kl":
+                    refitted, fit = await self.compute(
+                        fit_kl_codebooks,
+                        base.index,
+                        request.queries,
+                        time_budget_seconds=self.kl_refit_time_budget_seconds,
+                        seed=self.seed,
+                    )
+                else:
+                    refitted = await self.compute(base.index.refit, seed=self.seed)
+                if fit is not None and not fit.accepted:
+                    self._finish_refit(entry, request, fit, None, started)
+                    logger.info(
+                        "index %r: learned codebooks did not lower the held-out KL; the current ones stay", entry.name
+                    )
+                    return entry.current.version
 
                 async def prepare(current: Snapshot) -> _Prepared | None:
                     if entry.table_generation != generation or current.index is None:
-                        # A new table replaced the refitted one while k-means ran; its build fitted
+                        # A new table replaced the refitted one while the fit ran; its build fitted
                         # fresh codebooks, so this result is dropped.
                         return None
                     changes = entry.refit_changes
@@ -541,8 +753,34 @@ class IndexRegistry:
                 entry.refit_changes = None
         if snapshot is None:
             return entry.current.version
-        logger.info("index %r version %d: codebooks refitted", entry.name, snapshot.version)
+        self._finish_refit(entry, request, fit, snapshot.version, started)
+        logger.info("index %r version %d: codebooks refitted (%s)", entry.name, snapshot.version, request.mode)
         return snapshot.version
+
+    def _finish_refit(
+        self,
+        entry: _Entry,
+        request: _RefitRequest,
+        fit: KlFitReport | None,
+        version: int | None,
+        started: float,
+    ) -> None:
+        """Record the refit's report and restart the KL policy's reference; `version` None: not accepted."""
+        entry.last_refit = RefitReport(
+            mode=request.mode,
+            trigger=request.trigger,
+            accepted=version is not None,
+            version=entry.current.version if version is None else version,
+            seconds=time.perf_counter() - started,
+            heldout_kl_before=None if fit is None else fit.heldout_kl_before,
+            heldout_kl_after=None if fit is None else fit.heldout_kl_after,
+            num_queries=0 if fit is None else fit.num_train_queries + fit.num_heldout_queries,
+            finished_at=time.time(),
+        )
+        # Also after a rejected KL refit: the KL measured next is the reference for these codebooks,
+        # so the policy does not start the same futile refit again at once.
+        entry.kl_baseline = None
+        self._notify_fit(entry)
 
     # ---------------------------------------------------------------------------- replication
 
@@ -576,6 +814,8 @@ class IndexRegistry:
             await self._swap(entry, Snapshot(version, index))
         if kind == "update":
             self._measure_error(entry)
+        else:
+            self._notify_fit(entry)
         logger.debug("index %r version %d: %s applied from the store", name, version, kind)
         return True
 
@@ -589,16 +829,20 @@ class IndexRegistry:
         status = IndexStatus.EMPTY if index is None else IndexStatus.READY
         entry = self._entries.get(name)
         if entry is None:
-            await self._add_entry(_Entry(name, config, snapshot, status=status, quantization_error=error))
+            entry = _Entry(name, config, snapshot, status=status, quantization_error=error)
+            await self._add_entry(entry)
             logger.info("index %r installed from the store at version %d", name, version)
-            return
-        async with entry.write_lock:
-            entry.config = config
-            entry.table_generation += 1
-            entry.status, entry.error = status, ""
-            entry.quantization_error = error
-            await self._swap(entry, snapshot)
-        logger.info("index %r replaced from the store at version %d", name, version)
+        else:
+            async with entry.write_lock:
+                entry.config = config
+                entry.table_generation += 1
+                entry.status, entry.error = status, ""
+                entry.quantization_error = error
+                entry.kl_baseline = None
+                await self._swap(entry, snapshot)
+            logger.info("index %r replaced from the store at version %d", name, version)
+        if index is not None:
+            self._notify_fit(entry)
 
     async def remove_replicated(self, name: str) -> None:
         """Drop index `name` because the store deleted it; no-op when it is not here."""
@@ -694,8 +938,10 @@ class IndexRegistry:
         """Update the bookkeeping a running refit relies on; call under the writer lock, with the swap."""
         if kind == "upload":
             entry.table_generation += 1
+            entry.kl_baseline = None
         elif kind == "refit":
             entry.refit_count += 1
+            entry.kl_baseline = None
         elif kind == "update" and entry.refit_changes is not None and changed_ids is not None:
             entry.refit_changes.append(changed_ids)
 
@@ -741,6 +987,9 @@ class IndexRegistry:
             device=str(self.device),
             error=entry.error,
             build_seconds=entry.build_seconds,
+            codebook_fit="kmeans" if index is None else index.codebook_fit,
+            quality=entry.quality,
+            last_refit=entry.last_refit,
         )
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from midx_service.core.learned import MIN_QUERIES
 
 MIB = 1024 * 1024
 
@@ -68,6 +70,43 @@ class Settings(BaseSettings):
         ge=0.0,
         description="refit when the quantisation error exceeds this multiple of the last fit's (0: never)",
     )
+    refit_kl_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        description="refit when the measured KL(P || Q) exceeds this multiple of the KL measured after the last "
+        "fit (0: never)",
+    )
+    auto_refit_mode: Literal["kmeans", "kl"] = Field(
+        "kmeans", description="mode of the refits the two ratio policies start: kmeans or kl"
+    )
+    kl_refit_time_budget_seconds: float = Field(
+        120.0,
+        gt=0.0,
+        le=86400.0,
+        description="wall time of one kl refit, in seconds; its exact softmax passes over the queries count "
+        "against it, and its final check may run past it",
+    )
+    kl_refit_max_queries: int = Field(
+        1024, ge=MIN_QUERIES, le=1_000_000, description="most queries one kl refit learns from"
+    )
+    telemetry_reservoir_size: int = Field(
+        4096,
+        ge=0,
+        le=1_000_000,
+        description="recent query rows kept per index for telemetry and kl refits (0: none)",
+    )
+    telemetry_sample_size: int = Field(
+        64,
+        ge=0,
+        le=1_000_000,
+        description="most recent queries one telemetry measurement uses; each costs O(N D) (0: no KL)",
+    )
+    telemetry_interval_seconds: float = Field(
+        60.0,
+        ge=0.0,
+        le=86400.0,
+        description="time between telemetry measurements of every index, in seconds (0: only after fits)",
+    )
     compute_threads: int = Field(4, ge=1, le=256, description="threads that run index builds and sampling")
     shutdown_grace_seconds: float = Field(
         5.0, ge=0.0, le=600.0, description="how long a graceful stop lets running requests finish"
@@ -88,7 +127,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
         return value
 
-    @field_validator("refit_error_ratio")
+    @field_validator("refit_error_ratio", "refit_kl_ratio")
     @classmethod
     def _check_ratio(cls, value: float) -> float:
         if 0.0 < value <= 1.0:

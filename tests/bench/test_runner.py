@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from midx_service.bench.report import END_MARKER, START_MARKER, render_markdown, replace_section
 from midx_service.bench.runner import BenchPlan, run_benchmark
 from midx_service.bench.samplers import two_stage_multinomial
 from midx_service.core import IndexConfig, MidxIndex
-
 from tests.core.conftest import assert_draws_follow, brute_force_log_q
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from midx_client import sampled_softmax_loss, sampled_softmax_loss_from_logits
 from midx_service.core import IndexConfig, MidxIndex
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from midx_service.core import MidxIndex
 from scipy import stats
+
+from midx_service.core import MidxIndex
 
 
 def brute_force_log_q(index: MidxIndex, queries: torch.Tensor) -> torch.Tensor:

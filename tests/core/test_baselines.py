@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.core.baselines import ExactSampler
-
 from tests.core.conftest import assert_draws_follow, exact_log_softmax
 
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import InvalidArgumentError
-
 from tests.core.conftest import assert_draws_follow, brute_force_log_q, exact_log_softmax
 
 VARIANTS = list(itertools.product(["rq", "pq"], ["uniform", "popularity"], ["dot", "cosine"]))
@@ -349,3 +349,48 @@ def test_update_keeps_quantisation_error_exact(table):
 
     rebuilt = MidxIndex.from_state_dict(updated.state_dict())
     assert updated.quantization_error == pytest.approx(rebuilt.quantization_error, rel=1e-9)
+
+
+def test_update_within_cells_shares_cell_structure(table, queries):
+    index = build(table, num_codewords=4)
+    ids = torch.tensor([5, 17])
+    # A row moved a tiny step towards its own reconstruction keeps both of its codes.
+    rows = table[ids] + 1e-4 * (index.codebooks.reconstruct(index.codes[ids]) - table[ids])
+
+    updated = index.update_rows(ids, rows)
+
+    assert updated.cells is index.cells
+    torch.testing.assert_close(updated.embeddings[ids], rows)
+    expected = brute_force_log_q(updated, queries)
+    torch.testing.assert_close(
+        updated.log_prob(queries, torch.arange(300).expand(5, -1)).double(), expected, atol=1e-5, rtol=0
+    )
+
+
+def test_build_copies_the_callers_table(table, queries):
+    array = table.numpy().copy()
+    index = build(torch.from_numpy(array), num_codewords=4)
+    before = index.log_prob(queries, torch.arange(300).expand(5, -1))
+
+    array[:] = 0.0
+
+    torch.testing.assert_close(index.log_prob(queries, torch.arange(300).expand(5, -1)), before)
+
+
+def test_read_only_input_is_accepted_without_warning(table, queries, recwarn):
+    array = table.numpy().copy()
+    array.flags.writeable = False
+
+    index = build(array, num_codewords=4)
+    index.sample(queries.numpy(), 3, seed=1)
+
+    assert not [warning for warning in recwarn if "not writable" in str(warning.message)]
+
+
+@pytest.mark.parametrize(("quantizer", "last_stage", "metric"), VARIANTS)
+def test_log_prob_all_matches_log_prob(quantizer, last_stage, metric, table, queries, weights):
+    index = build(table, weights, num_codewords=5, quantizer=quantizer, last_stage=last_stage, metric=metric)
+
+    every = index.log_prob_all(queries)
+
+    torch.testing.assert_close(every, index.log_prob(queries, torch.arange(300).expand(5, -1)), atol=1e-6, rtol=0)

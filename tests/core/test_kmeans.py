@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from midx_service.core.draw import search_segments
 from midx_service.core.kmeans import assign, kmeans
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.core.learned import code_marginals, fit_kl_codebooks, kl_objective
 from midx_service.core.quantizer import Codebooks
 from midx_service.core.telemetry import measure_quality
-
 from tests.core.conftest import brute_force_log_q, exact_log_softmax
 
 

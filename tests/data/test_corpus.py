@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from midx_service.data import corpus
 from midx_service.data.corpus import Document, build_corpus, tokenize
 

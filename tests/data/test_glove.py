@@ -6,6 +6,7 @@ import importlib
 
 import numpy as np
 import pytest
+
 from midx_service.data import glove
 
 

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+
 from midx_client import AsyncRestSamplerClient, AsyncSamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 

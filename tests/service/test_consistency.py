@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from midx_client import RestSamplerClient, SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import numpy as np
 import pytest
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from midx_service.registry import (
@@ -22,10 +25,12 @@ from midx_service.registry import (
     RestoredIndex,
     StaleVersionError,
 )
+from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 6
 NUM_CLASSES = 200
 CONFIG = IndexConfig(DIM, num_codewords=8)
+LEARNABLE = IndexConfig(LEARNABLE_DIM, num_codewords=LEARNABLE_CODEWORDS)
 
 
 def _table(seed: int = 0, rows: int = NUM_CLASSES) -> np.ndarray:
@@ -382,3 +387,206 @@ def test_apply_replicated_skips_applied_version() -> None:
         return applied, version
 
     assert run(scenario()) == (False, 1)
+
+
+# ------------------------------------------------------------------- served queries, kl refits
+
+
+def test_reservoir_keeps_most_recent_served_queries() -> None:
+    async def scenario() -> tuple[np.ndarray, int, np.ndarray]:
+        registry = IndexRegistry(reservoir_size=5)
+        await registry.create("words", CONFIG)
+        registry.record_queries("words", _table(1, 4))
+        registry.record_queries("words", _table(2, 3))
+        registry.record_queries("words", np.zeros((2, DIM + 1), np.float32))  # wrong width: ignored
+        registry.record_queries("missing", _table(3, 2))  # unknown index: ignored
+        recent, recorded = registry.recent_queries("words"), registry.queries_recorded("words")
+        latest = registry.recent_queries("words", 2)
+        await registry.close()
+        return recent, recorded, latest
+
+    recent, recorded, latest = run(scenario())
+
+    np.testing.assert_array_equal(recent, np.concatenate([_table(1, 4)[2:], _table(2, 3)]))
+    np.testing.assert_array_equal(latest, _table(2, 3)[1:])
+    assert recorded == 7
+
+
+def test_zero_reservoir_keeps_nothing() -> None:
+    async def scenario() -> np.ndarray:
+        registry = IndexRegistry(reservoir_size=0)
+        await registry.create("words", CONFIG)
+        registry.record_queries("words", _table(1, 4))
+        recent = registry.recent_queries("words")
+        await registry.close()
+        return recent
+
+    assert run(scenario()).shape == (0, DIM)
+
+
+@pytest.mark.slow
+def test_kl_refit_swaps_in_learned_codebooks() -> None:
+    async def scenario() -> tuple[int, Any, RecordingStore]:
+        store = RecordingStore()
+        registry = IndexRegistry(store=store, refit_error_ratio=0.0, kl_refit_time_budget_seconds=20)
+        await registry.create("learned", LEARNABLE)
+        await registry.upload("learned", learnable_table())
+        registry.record_queries("learned", learnable_queries())
+        version = await registry.refit("learned", "kl")
+        state = registry.state("learned")
+        await registry.close()
+        return version, state, store
+
+    version, state, store = run(scenario())
+
+    assert version == 2
+    assert state.version == 2
+    assert state.codebook_fit == "kl"
+    report = state.last_refit
+    assert report.mode == "kl"
+    assert report.trigger == "request"
+    assert report.accepted
+    assert report.version == 2
+    assert report.heldout_kl_after < report.heldout_kl_before
+    assert report.num_queries == 200
+    assert store.mutations[-1].kind == "refit"
+    assert store.mutations[-1].index.codebook_fit == "kl"
+
+
+def test_kl_refit_that_cannot_help_keeps_index() -> None:
+    async def scenario() -> tuple[int, Any, Any, list[str]]:
+        store = RecordingStore()
+        registry = IndexRegistry(store=store, refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        before = await registry.snapshot("words")
+        # Zero queries make P uniform, which the current Q already matches exactly.
+        version = await registry.refit("words", "kl", np.zeros((16, DIM), np.float32))
+        after = await registry.snapshot("words")
+        state = registry.state("words")
+        await registry.close()
+        return version, (before, after), state, [mutation.kind for mutation in store.mutations]
+
+    version, (before, after), state, kinds = run(scenario())
+
+    assert version == 1
+    assert after is before
+    assert state.codebook_fit == "kmeans"
+    assert not state.last_refit.accepted
+    assert state.last_refit.version == 1
+    assert state.last_refit.heldout_kl_after == state.last_refit.heldout_kl_before
+    assert kinds == ["create", "upload"]
+
+
+def test_kmeans_refit_reports_without_kl() -> None:
+    async def scenario() -> Any:
+        registry = IndexRegistry(refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        await registry.refit("words")
+        state = registry.state("words")
+        await registry.close()
+        return state
+
+    report = run(scenario()).last_refit
+
+    assert (report.mode, report.trigger, report.accepted, report.version) == ("kmeans", "request", True, 2)
+    assert report.heldout_kl_before is None
+    assert report.heldout_kl_after is None
+    assert report.seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "queries", "error", "match"),
+    [
+        ("annealing", None, InvalidArgumentError, "mode must be 'kmeans' or 'kl'"),
+        ("kmeans", np.zeros((16, DIM), np.float32), InvalidArgumentError, "only by mode 'kl'"),
+        ("kl", np.zeros((16, DIM + 1), np.float32), InvalidArgumentError, "columns"),
+        ("kl", np.full((16, DIM), np.nan, np.float32), InvalidArgumentError, "NaN"),
+        ("kl", np.zeros((3, DIM), np.float32), InvalidArgumentError, "at least 8"),
+        ("kl", np.zeros((40, DIM), np.float32), ResourceExhaustedError, "MIDX_KL_REFIT_MAX_QUERIES"),
+        ("kl", None, FailedPreconditionError, "has 2 recent queries"),
+    ],
+)
+def test_bad_refit_request_changes_nothing(mode: str, queries: Any, error: type[Exception], match: str) -> None:
+    async def scenario() -> Any:
+        registry = IndexRegistry(refit_error_ratio=0.0, kl_refit_max_queries=32)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        registry.record_queries("words", _table(1, 2))
+        with pytest.raises(error, match=match):
+            await registry.refit("words", mode, queries)
+        state = registry.state("words")
+        await registry.close()
+        return state
+
+    state = run(scenario())
+
+    assert state.version == 1
+    assert state.last_refit is None
+
+
+@pytest.mark.slow
+def test_kl_refit_keeps_rows_updated_while_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    from midx_service import registry as registry_module
+
+    fit_started = threading.Event()
+    update_done = threading.Event()
+    real_fit = registry_module.fit_kl_codebooks
+
+    def fit_after_update(*args: Any, **kwargs: Any) -> Any:
+        fit_started.set()
+        if not update_done.wait(timeout=30):
+            raise TimeoutError("the row update never finished")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "fit_kl_codebooks", fit_after_update)
+    rows = np.full((2, LEARNABLE_DIM), 3.0, np.float32)
+
+    async def scenario() -> tuple[int, int, Any]:
+        registry = IndexRegistry(refit_error_ratio=0.0, compute_threads=2, kl_refit_time_budget_seconds=20)
+        await registry.create("learned", LEARNABLE)
+        await registry.upload("learned", learnable_table())
+        refit = asyncio.create_task(registry.refit("learned", "kl", learnable_queries()))
+        await asyncio.get_running_loop().run_in_executor(None, fit_started.wait, 30)
+        updated = await registry.update("learned", [5, 240], rows)
+        update_done.set()
+        version = await refit
+        snapshot = await registry.snapshot("learned")
+        await registry.close()
+        return updated, version, snapshot
+
+    updated, version, snapshot = run(scenario())
+
+    assert updated == 2
+    assert version == 3
+    index = snapshot.index
+    assert index.codebook_fit == "kl"
+    assert index.num_classes == 241
+    np.testing.assert_allclose(index.embeddings[[5, 240]].numpy(), rows)
+    # The replayed rows are coded with the learned codebooks, not the ones they were updated with.
+    np.testing.assert_array_equal(index.codes[[5, 240]].numpy(), index.codebooks.encode(index.embeddings[[5, 240]]))
+
+
+def test_refit_requests_join_or_queue() -> None:
+    async def scenario() -> tuple[list[int], list[int], Any]:
+        registry = IndexRegistry(refit_error_ratio=0.0)
+        await registry.create("words", CONFIG)
+        await registry.upload("words", _table())
+        # Two k-means requests at once share one refit.
+        joined = await asyncio.gather(registry.refit("words"), registry.refit("words"))
+        # A kl request with its own queries waits for the running k-means refit, then runs.
+        queued = await asyncio.gather(
+            registry.refit("words"), registry.refit("words", "kl", np.zeros((16, DIM), np.float32))
+        )
+        state = registry.state("words")
+        await registry.close()
+        return list(joined), list(queued), state
+
+    joined, queued, state = run(scenario())
+
+    assert joined == [2, 2]
+    assert queued == [3, 3]
+    assert state.version == 3
+    assert state.last_refit.mode == "kl"
+    assert not state.last_refit.accepted

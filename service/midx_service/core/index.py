@@ -67,6 +67,7 @@ class MidxIndex:
         fit_quantization_error: float,
         codebook_fit: str = "kmeans",
         error_totals: tuple[float, int] | None = None,
+        cells: Cells | None = None,
     ) -> None:
         self.config = config
         self.codebook_fit = codebook_fit
@@ -81,7 +82,9 @@ class MidxIndex:
         self._error_totals = _error_totals(row_error, embeddings) if error_totals is None else error_totals
         self.fit_quantization_error = fit_quantization_error
         popularity = config.last_stage == "popularity"
-        self.cells: Cells = build_cells(codes, config.num_codewords, weights if popularity else None)
+        if cells is None:
+            cells = build_cells(codes, config.num_codewords, weights if popularity else None)
+        self.cells: Cells = cells
         self._log_weight: torch.Tensor | None = None
         if popularity and weights is not None:
             self._log_weight = torch.where(weights > 0, weights.log(), -torch.inf).to(torch.float32)
@@ -112,8 +115,8 @@ class MidxIndex:
         if table.shape[0] == 0:
             raise InvalidArgumentError("embeddings has 0 rows; an index needs at least one class")
         weight_vector = _check_weights(config, weights, table.shape[0], device)
-        if config.metric == "cosine":
-            table = normalise_rows(table)
+        # The index keeps its own copy, so later changes to the caller's array cannot reach it.
+        table = normalise_rows(table) if config.metric == "cosine" else table.clone()
 
         started = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -171,8 +174,19 @@ class MidxIndex:
         new_size = num_classes + appended.numel()
         table = self._grow(self.embeddings, new_size)
         table[id_vector] = rows
-        codes = self._grow(self.codes, new_size)
-        codes[id_vector] = self.codebooks.encode(rows)
+        new_codes = self.codebooks.encode(rows)
+        # When no class changes cell (embeddings drift a little between pushes) and the weights the
+        # last stage uses stay the same, the cell structure is shared instead of rebuilt.
+        same_cells = (
+            appended.numel() == 0
+            and torch.equal(new_codes, self.codes[id_vector])
+            and (self.config.last_stage == "uniform" or weights is None)
+        )
+        if same_cells:
+            codes = self.codes
+        else:
+            codes = self._grow(self.codes, new_size)
+            codes[id_vector] = new_codes
         row_error = self._grow(self._row_error, new_size)
         new_errors = relative_residual_norms(rows, self.codebooks, codes[id_vector])
         row_error[id_vector] = new_errors
@@ -187,6 +201,7 @@ class MidxIndex:
             self.fit_quantization_error,
             codebook_fit=self.codebook_fit,
             error_totals=totals,
+            cells=self.cells if same_cells else None,
         )
 
     def _updated_error_totals(
@@ -355,6 +370,22 @@ class MidxIndex:
             log_z = torch.logsumexp(s1 + self._log_row_mass(s2)[0], dim=1)
             return self._log_q(s1, s2, id_matrix, log_z)
         return proposal.log_prob(query_matrix, id_matrix)
+
+    def log_prob_all(self, queries: ArrayLike) -> torch.Tensor:
+        """Return the (B, N) float32 MIDX log Q of every class for each of the (B, D) queries.
+
+        Costs O(B N) memory: meant for evaluation on small batches (telemetry, benchmarks).
+        """
+        query_matrix = as_float_matrix(queries, "queries", self.config.dim, self.device)
+        if self.config.metric == "cosine":
+            query_matrix = normalise_rows(query_matrix)
+        s1, s2 = self.codebooks.scores(query_matrix)
+        log_z = torch.logsumexp(s1 + self._log_row_mass(s2)[0], dim=1) + math.log(self.cells.mass_scale)
+        log_q = s1.index_select(1, self.codes[:, 0]) + s2.index_select(1, self.codes[:, 1])
+        log_q -= log_z.unsqueeze(1)
+        if self._log_weight is not None:
+            log_q += self._log_weight.unsqueeze(0)
+        return log_q
 
     def _sampler(self, name: str) -> Any:
         if name == "midx":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,14 @@ def _as_tensor(value: ArrayLike, name: str) -> torch.Tensor:
         raise InvalidArgumentError(f"{name} must be a rectangular array of numbers, got dtype {array.dtype}")
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        # Arrays decoded from a request buffer are read-only. The index never writes into input
+        # tensors (it copies what it keeps), so torch's warning about this does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(array)
+    return torch.from_numpy(array)
 
 
 def _check_ids(tensor: torch.Tensor, name: str, num_classes: int) -> torch.Tensor:
