@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.persistence.codec import (
     CorruptDataError,

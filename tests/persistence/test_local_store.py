@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from midx_client import SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import UnavailableError
@@ -22,7 +23,6 @@ from midx_service.persistence.codec import CorruptDataError
 from midx_service.persistence.local_store import LocalStore
 from midx_service.registry import IndexRegistry, RestoredIndex
 from midx_service.settings import load_settings
-
 from tests.conftest import RunningServer
 
 DIM = 6

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import redis
 import torch
+
 from midx_client import RestSamplerClient, SamplerClient, SamplerError
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.errors import UnavailableError
 from midx_service.persistence.codec import CorruptDataError
 from midx_service.persistence.redis_store import RedisStore
 from midx_service.registry import IndexRegistry
-
 from tests.persistence.conftest import PrivateRedis, wait_until
 
 DIM = 8
