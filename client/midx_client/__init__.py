@@ -7,7 +7,7 @@ from typing import Any
 from midx_client.errors import SamplerError
 from midx_client.grpc_client import AsyncSamplerClient, SamplerClient
 from midx_client.rest_client import AsyncRestSamplerClient, RestSamplerClient
-from midx_client.types import IndexInfo, LogProbResult, SampleResult
+from midx_client.types import IndexInfo, LogProbResult, ProposalQuality, RefitReport, SampleResult
 
 # The loss needs torch; it is imported on first use so the clients load without it.
 _LOSS_NAMES = ("sampled_softmax_loss", "sampled_softmax_loss_from_logits")
@@ -26,6 +26,8 @@ __all__ = [
     "AsyncSamplerClient",
     "IndexInfo",
     "LogProbResult",
+    "ProposalQuality",
+    "RefitReport",
     "RestSamplerClient",
     "SampleResult",
     "SamplerClient",

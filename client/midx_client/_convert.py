@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Literal
 
 import numpy as np
 
 from midx_client._proto import sampler_pb2 as _pb
 from midx_client.errors import SamplerError
-from midx_client.types import IndexInfo
+from midx_client.types import IndexInfo, ProposalQuality, RefitReport
 
 Output = Literal["numpy", "torch"]
 
@@ -93,6 +94,42 @@ def info_from_proto(info: _pb.IndexInfo) -> IndexInfo:
         fit_quantization_error=float(info.fit_quantization_error),
         device=info.device,
         error=info.error,
+        codebook_fit=info.codebook_fit or "kmeans",
+        quality=_quality_from_proto(info.quality) if info.HasField("quality") else None,
+        last_refit=_refit_report_from_proto(info.last_refit) if info.HasField("last_refit") else None,
+    )
+
+
+def _optional(message: Any, field: str) -> float | None:
+    return float(getattr(message, field)) if message.HasField(field) else None
+
+
+def _quality_from_proto(quality: _pb.ProposalQuality) -> ProposalQuality:
+    return ProposalQuality(
+        version=int(quality.version),
+        measured_at=float(quality.measured_at),
+        num_queries=int(quality.num_queries),
+        kl=_optional(quality, "kl"),
+        kl_at_fit=_optional(quality, "kl_at_fit"),
+        effective_sample_fraction=_optional(quality, "effective_sample_fraction"),
+        empty_cell_fraction=float(quality.empty_cell_fraction),
+        largest_cell_fraction=float(quality.largest_cell_fraction),
+        quantization_error_ratio=float(quality.quantization_error_ratio),
+        codeword_drift=float(quality.codeword_drift),
+    )
+
+
+def _refit_report_from_proto(report: _pb.RefitReport) -> RefitReport:
+    return RefitReport(
+        mode=report.mode,
+        trigger=report.trigger,
+        accepted=bool(report.accepted),
+        version=int(report.version),
+        seconds=float(report.seconds),
+        heldout_kl_before=_optional(report, "heldout_kl_before"),
+        heldout_kl_after=_optional(report, "heldout_kl_after"),
+        num_queries=int(report.num_queries),
+        finished_at=float(report.finished_at),
     )
 
 
@@ -122,4 +159,44 @@ def info_from_json(body: dict[str, Any]) -> IndexInfo:
         fit_quantization_error=float(body["fit_quantization_error"]),
         device=body["device"],
         error=body.get("error") or "",
+        codebook_fit=body.get("codebook_fit") or "kmeans",
+        quality=None if body.get("quality") is None else _quality_from_json(body["quality"]),
+        last_refit=None if body.get("last_refit") is None else _refit_report_from_json(body["last_refit"]),
+    )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _quality_from_json(body: dict[str, Any]) -> ProposalQuality:
+    num_queries = int(body["num_queries"])
+    kl = _float_or_none(body.get("kl"))
+    if kl is None and num_queries > 0:
+        kl = math.inf  # JSON has no infinities, so the server sends an infinite KL as null
+    return ProposalQuality(
+        version=int(body["version"]),
+        measured_at=float(body["measured_at"]),
+        num_queries=num_queries,
+        kl=kl,
+        kl_at_fit=_float_or_none(body.get("kl_at_fit")),
+        effective_sample_fraction=_float_or_none(body.get("effective_sample_fraction")),
+        empty_cell_fraction=float(body["empty_cell_fraction"]),
+        largest_cell_fraction=float(body["largest_cell_fraction"]),
+        quantization_error_ratio=float(body["quantization_error_ratio"]),
+        codeword_drift=float(body["codeword_drift"]),
+    )
+
+
+def _refit_report_from_json(body: dict[str, Any]) -> RefitReport:
+    return RefitReport(
+        mode=body["mode"],
+        trigger=body["trigger"],
+        accepted=bool(body["accepted"]),
+        version=int(body["version"]),
+        seconds=float(body["seconds"]),
+        heldout_kl_before=_float_or_none(body.get("heldout_kl_before")),
+        heldout_kl_after=_float_or_none(body.get("heldout_kl_after")),
+        num_queries=int(body.get("num_queries", 0)),
+        finished_at=float(body["finished_at"]),
     )

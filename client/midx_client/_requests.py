@@ -109,6 +109,13 @@ def log_prob_result_from_proto(response: _pb.LogProbResponse, output: Output) ->
     return LogProbResult(log_q=as_output(tensor_from_proto(response.log_q), output), version=int(response.version))
 
 
+def rebuild_request(name: str, mode: str, queries: Any | None) -> _pb.RebuildRequest:
+    request = _pb.RebuildRequest(name=name, mode=mode)
+    if queries is not None:
+        request.queries.CopyFrom(tensor_to_proto(to_numpy(queries, "float32")))
+    return request
+
+
 def update_request(name: str, ids: Any, embeddings: Any, weights: Any | None) -> _pb.UpdateEmbeddingsRequest:
     request = _pb.UpdateEmbeddingsRequest(
         name=name,
@@ -184,6 +191,13 @@ def log_prob_body(queries: Any, ids: Any, sampler: str, min_version: int | None)
 def log_prob_result_from_json(body: dict[str, Any], num_rows: int, num_ids: int, output: Output) -> LogProbResult:
     log_q = _matrix_from_json(body["log_q"], num_rows, num_ids, "float32")
     return LogProbResult(log_q=as_output(log_q, output), version=int(body["version"]))
+
+
+def rebuild_body(mode: str, queries: Any | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"mode": mode}
+    if queries is not None:
+        body["queries"] = to_numpy(queries, "float32").tolist()
+    return body
 
 
 def update_body(ids: Any, embeddings: Any, weights: Any | None) -> dict[str, Any]:

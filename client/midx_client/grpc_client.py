@@ -219,9 +219,15 @@ class SamplerClient:
         request = _requests.log_prob_request(name, queries, ids, sampler, min_version)
         return _requests.log_prob_result_from_proto(self._call(self._stub.LogProb, request, idempotent=True), output)
 
-    def rebuild(self, name: str) -> int:
-        """Refit the index's codebooks now; return the version that contains them."""
-        return int(self._call(self._stub.Rebuild, _pb.RebuildRequest(name=name)).version)
+    def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
+        """Refit the index's codebooks now; return the version that contains the result.
+
+        mode "kmeans" refits by k-means; "kl" learns codebooks that lower KL(P || Q) on `queries`
+        (R, D), or on the server's recent queries when None, and keeps them only when they lower the
+        held-out KL, else the version stays the same (`get_index(name).last_refit` says which).
+        """
+        request = _requests.rebuild_request(name, mode, queries)
+        return int(self._call(self._stub.Rebuild, request).version)
 
     def close(self) -> None:
         self._channel.close()
@@ -340,8 +346,9 @@ class AsyncSamplerClient:
         response = await self._call(self._stub.LogProb, request, idempotent=True)
         return _requests.log_prob_result_from_proto(response, output)
 
-    async def rebuild(self, name: str) -> int:
-        return int((await self._call(self._stub.Rebuild, _pb.RebuildRequest(name=name))).version)
+    async def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
+        request = _requests.rebuild_request(name, mode, queries)
+        return int((await self._call(self._stub.Rebuild, request)).version)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -295,8 +295,10 @@ class RestSamplerClient:
         response = self._send("POST", f"/v1/indexes/{name}/log-prob", idempotent=True, **request)
         return _log_prob_result(response, rows, num_ids, output)
 
-    def rebuild(self, name: str) -> int:
-        return int(self._request("POST", f"/v1/indexes/{name}/rebuild")["version"])
+    def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
+        content = _json_content(_requests.rebuild_body(mode, queries))
+        response = self._request("POST", f"/v1/indexes/{name}/rebuild", content=content, headers=_JSON_HEADERS)
+        return int(response["version"])
 
     def close(self) -> None:
         self._http.close()
@@ -420,8 +422,11 @@ class AsyncRestSamplerClient:
         response = await self._send("POST", f"/v1/indexes/{name}/log-prob", idempotent=True, **request)
         return _log_prob_result(response, rows, num_ids, output)
 
-    async def rebuild(self, name: str) -> int:
-        return int((await self._request("POST", f"/v1/indexes/{name}/rebuild"))["version"])
+    async def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
+        content = _json_content(_requests.rebuild_body(mode, queries))
+        path = f"/v1/indexes/{name}/rebuild"
+        response = await self._request("POST", path, content=content, headers=_JSON_HEADERS)
+        return int(response["version"])
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -28,6 +28,7 @@ from midx_service.errors import (
     UnavailableError,
 )
 from midx_service.registry import IndexState
+from midx_service.reports import QualityMeasurement, RefitReport
 from midx_service.service import SamplerService
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,39 @@ def _info(state: IndexState) -> _pb.IndexInfo:
         fit_quantization_error=state.fit_quantization_error,
         device=state.device,
         error=state.error,
+        codebook_fit=state.codebook_fit,
+        quality=None if state.quality is None else _quality(state.quality),
+        last_refit=None if state.last_refit is None else _refit_report(state.last_refit),
+    )
+
+
+def _quality(measurement: QualityMeasurement) -> _pb.ProposalQuality:
+    quality = measurement.quality
+    return _pb.ProposalQuality(
+        version=measurement.version,
+        measured_at=measurement.measured_at,
+        num_queries=quality.num_queries,
+        kl=quality.kl,
+        kl_at_fit=measurement.kl_at_fit,
+        effective_sample_fraction=quality.effective_sample_fraction,
+        empty_cell_fraction=quality.empty_cell_fraction,
+        largest_cell_fraction=quality.largest_cell_fraction,
+        quantization_error_ratio=quality.quantization_error_ratio,
+        codeword_drift=quality.codeword_drift,
+    )
+
+
+def _refit_report(report: RefitReport) -> _pb.RefitReport:
+    return _pb.RefitReport(
+        mode=report.mode,
+        trigger=report.trigger,
+        accepted=report.accepted,
+        version=report.version,
+        seconds=report.seconds,
+        heldout_kl_before=report.heldout_kl_before,
+        heldout_kl_after=report.heldout_kl_after,
+        num_queries=report.num_queries,
+        finished_at=report.finished_at,
     )
 
 
@@ -218,7 +252,9 @@ class SamplerServicer(_pb_grpc.SamplerServicer):
 
     @_rpc
     async def Rebuild(self, request: _pb.RebuildRequest, context: grpc.aio.ServicerContext) -> _pb.RebuildResponse:
-        return _pb.RebuildResponse(version=await self._service.rebuild(request.name))
+        queries = _floats(request.queries, "queries") if request.HasField("queries") else None
+        version = await self._service.rebuild(request.name, request.mode or "kmeans", queries)
+        return _pb.RebuildResponse(version=version)
 
 
 class _Upload:

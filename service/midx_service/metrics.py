@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from midx_service.registry import IndexRegistry
+from midx_service.registry import IndexRegistry, IndexState
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -107,3 +107,57 @@ class _IndexCollector(Collector):
             error.add_metric([state.name], state.quantization_error)
             ready.add_metric([state.name], 1.0 if state.status.value == "ready" else 0.0)
         yield from (version, classes, build, error, ready)
+        yield from _quality_gauges(self._registry.states())
+
+
+# Gauges of the last proposal-quality measurement: (name, help, field of QualityMeasurement.quality).
+_QUALITY_GAUGES = (
+    ("midx_index_kl_divergence", "Mean KL(P || Q) in nats over recent queries, exact.", "kl"),
+    (
+        "midx_index_effective_sample_fraction",
+        "Mean effective sample size of importance-weighted draws from Q over the number of draws (1 when Q = P).",
+        "effective_sample_fraction",
+    ),
+    ("midx_index_empty_cell_fraction", "Share of the K x K cells that hold no class.", "empty_cell_fraction"),
+    ("midx_index_largest_cell_fraction", "Share of all classes in the most populated cell.", "largest_cell_fraction"),
+    (
+        "midx_index_quantization_error_ratio",
+        "Quantisation error over the error at the last codebook fit (above 1: stale codebooks).",
+        "quantization_error_ratio",
+    ),
+    (
+        "midx_index_codeword_drift",
+        "Mean distance from each codeword to the mean of its assigned vectors, over the mean codeword norm.",
+        "codeword_drift",
+    ),
+    ("midx_index_quality_queries", "Recent queries the KL and effective sample size were measured on.", "num_queries"),
+)
+
+
+def _quality_gauges(states: list[IndexState]) -> Iterator[GaugeMetricFamily]:
+    """Yield the last quality measurement of every measured index; an unmeasured figure is left out."""
+    families = {field: GaugeMetricFamily(name, text, labels=["index"]) for name, text, field in _QUALITY_GAUGES}
+    kl_at_fit = GaugeMetricFamily(
+        "midx_index_kl_divergence_at_fit",
+        "KL(P || Q) measured first after the last codebook fit, the KL refit policy's reference.",
+        labels=["index"],
+    )
+    measured_version = GaugeMetricFamily(
+        "midx_index_quality_version", "Index version the quality gauges were measured on.", labels=["index"]
+    )
+    measured_at = GaugeMetricFamily(
+        "midx_index_quality_timestamp_seconds", "Unix time of the last quality measurement.", labels=["index"]
+    )
+    for state in states:
+        measurement = state.quality
+        if measurement is None:
+            continue
+        for field, family in families.items():
+            value = getattr(measurement.quality, field)
+            if value is not None:
+                family.add_metric([state.name], float(value))
+        if measurement.kl_at_fit is not None:
+            kl_at_fit.add_metric([state.name], measurement.kl_at_fit)
+        measured_version.add_metric([state.name], measurement.version)
+        measured_at.add_metric([state.name], measurement.measured_at)
+    yield from (*families.values(), kl_at_fit, measured_version, measured_at)

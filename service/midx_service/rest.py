@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -40,6 +41,7 @@ from midx_service.errors import (
     UnavailableError,
 )
 from midx_service.registry import IndexState
+from midx_service.reports import QualityMeasurement, RefitReport
 from midx_service.service import SamplerService
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,33 @@ class CreateIndexBody(BaseModel):
     unigram_alpha: float = Field(0.75, description="exponent of the unigram baseline")
 
 
+class ProposalQualityBody(BaseModel):
+    version: int = Field(description="the index version measured")
+    measured_at: float = Field(description="Unix time of the measurement, in seconds")
+    num_queries: int = Field(description="recent queries kl and effective_sample_fraction were measured on")
+    kl: float | None = Field(
+        description="mean KL(P || Q) in nats; null without queries, or when infinite (num_queries > 0)"
+    )
+    kl_at_fit: float | None = Field(description="the KL measured first after the current codebooks were fitted")
+    effective_sample_fraction: float | None = Field(description="mean effective sample size per draw, in [0, 1]")
+    empty_cell_fraction: float = Field(description="share of the K * K cells that hold no class")
+    largest_cell_fraction: float = Field(description="share of all classes held by the most populated cell")
+    quantization_error_ratio: float = Field(description="quantisation error over the one at the last fit")
+    codeword_drift: float = Field(description="mean codeword-to-assigned-mean distance over the mean codeword norm")
+
+
+class RefitReportBody(BaseModel):
+    mode: Literal["kmeans", "kl"]
+    trigger: Literal["request", "quantization_error", "kl"]
+    accepted: bool = Field(description="false when a kl refit did not lower the held-out KL and nothing changed")
+    version: int = Field(description="version containing the result, or the unchanged version when not accepted")
+    seconds: float
+    heldout_kl_before: float | None = Field(None, description="mean KL(P || Q) on held-out queries before (kl)")
+    heldout_kl_after: float | None = Field(None, description="the same with the codebooks kept (kl)")
+    num_queries: int = Field(0, description="queries a kl refit learned from and validated on")
+    finished_at: float = Field(description="Unix time in seconds")
+
+
 class IndexInfoBody(BaseModel):
     name: str
     dim: int
@@ -106,6 +135,9 @@ class IndexInfoBody(BaseModel):
     fit_quantization_error: float
     device: str
     error: str = Field("", description="why the last build failed, when status is failed")
+    codebook_fit: Literal["kmeans", "kl"] = Field("kmeans", description="how the current codebooks were fitted")
+    quality: ProposalQualityBody | None = Field(None, description="last background measurement; null before one")
+    last_refit: RefitReportBody | None = Field(None, description="the last finished refit; null before one")
 
 
 class IndexListBody(BaseModel):
@@ -125,6 +157,16 @@ class UpdateEmbeddingsBody(BaseModel):
 
 class VersionBody(BaseModel):
     version: int
+
+
+class RebuildBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A plain string, so an unknown mode is rejected by the service with 400 like on gRPC, not with 422.
+    mode: str = Field("kmeans", description='"kmeans" (warm-started k-means) or "kl" (learned to lower KL(P || Q))')
+    queries: list[list[float]] | None = Field(
+        None, description="(R, D) queries a kl refit learns from; default: the index's recent served queries"
+    )
 
 
 class SampleBody(BaseModel):
@@ -226,6 +268,44 @@ def _info_body(state: IndexState) -> dict[str, Any]:
         "fit_quantization_error": state.fit_quantization_error,
         "device": state.device,
         "error": state.error,
+        "codebook_fit": state.codebook_fit,
+        "quality": None if state.quality is None else _quality_body(state.quality),
+        "last_refit": None if state.last_refit is None else _refit_report_body(state.last_refit),
+    }
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # JSON has no infinities: an infinite KL travels as null, distinguished from "not measured" by num_queries.
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _quality_body(measurement: QualityMeasurement) -> dict[str, Any]:
+    quality = measurement.quality
+    return {
+        "version": measurement.version,
+        "measured_at": measurement.measured_at,
+        "num_queries": quality.num_queries,
+        "kl": _finite_or_none(quality.kl),
+        "kl_at_fit": _finite_or_none(measurement.kl_at_fit),
+        "effective_sample_fraction": _finite_or_none(quality.effective_sample_fraction),
+        "empty_cell_fraction": quality.empty_cell_fraction,
+        "largest_cell_fraction": quality.largest_cell_fraction,
+        "quantization_error_ratio": quality.quantization_error_ratio,
+        "codeword_drift": quality.codeword_drift,
+    }
+
+
+def _refit_report_body(report: RefitReport) -> dict[str, Any]:
+    return {
+        "mode": report.mode,
+        "trigger": report.trigger,
+        "accepted": report.accepted,
+        "version": report.version,
+        "seconds": report.seconds,
+        "heldout_kl_before": _finite_or_none(report.heldout_kl_before),
+        "heldout_kl_after": _finite_or_none(report.heldout_kl_after),
+        "num_queries": report.num_queries,
+        "finished_at": report.finished_at,
     }
 
 
@@ -508,9 +588,12 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
     @health.get(
         "/readyz",
         summary="Every index can serve samples",
-        description="503 while an index has no table, builds its first table or failed to build it, and "
-        "while the server stops. An index that builds a new table or refits its codebooks while an "
-        "earlier version serves counts as ready.",
+        description=(
+            "503 while an index has no table, builds its first table or failed to build it, and while the "
+            "server stops. An index that builds a new table or refits its codebooks while an earlier version "
+            "serves counts as ready. With persistence down, the answer stays 200 because sampling goes on "
+            'from memory, but its status is "degraded" and `persistence` says why mutations are rejected.'
+        ),
         responses=_error_responses(503),
     )
     async def readyz() -> Any:
@@ -520,6 +603,9 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         if unready:
             listed = ", ".join(f"{state.name} ({state.status.value})" for state in unready)
             return _error_response(503, "unavailable", f"indexes that cannot serve samples yet: {listed}")
+        problem = service.persistence_problem()
+        if problem is not None:
+            return {"status": "degraded", "persistence": problem}
         return {"status": "ready"}
 
     api = APIRouter(prefix="/v1", tags=["indexes"], dependencies=[Depends(require_token)])
@@ -682,12 +768,18 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
 
     @api.post(
         "/indexes/{name}/rebuild",
-        summary="Refit the codebooks now",
+        summary="Refit the codebooks now (k-means, or learned to lower KL(P || Q))",
+        description="Returns the version that contains the result. A kl refit that does not lower the held-out "
+        "KL leaves the index and its version unchanged; `last_refit` in the index info says what happened. "
+        "Without a body the refit is k-means.",
         response_model=VersionBody,
-        responses=_error_responses(401, 404, 409, 503),
+        responses=_error_responses(400, 401, 404, 409, 413, 422, 503),
     )
-    async def rebuild(name: str) -> Any:
-        return {"version": await service.rebuild(name)}
+    async def rebuild(name: str, body: RebuildBody | None = None) -> Any:
+        if body is None:
+            return {"version": await service.rebuild(name)}
+        queries = None if body.queries is None else from_json(body.queries, "queries", np.float32)
+        return {"version": await service.rebuild(name, body.mode, queries)}
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["health"], dependencies=[Depends(require_token)])
     async def metrics_route() -> Response:

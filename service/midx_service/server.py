@@ -20,6 +20,7 @@ from midx_service.registry import IndexRegistry, MutationStore
 from midx_service.rest import create_app
 from midx_service.service import SamplerService
 from midx_service.settings import Settings
+from midx_service.telemetry_monitor import TelemetryMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ class SamplerServer:
             compute_threads=settings.compute_threads,
             min_version_timeout_seconds=settings.min_version_timeout_seconds,
             refit_error_ratio=settings.refit_error_ratio,
+            reservoir_size=settings.telemetry_reservoir_size,
+            auto_refit_mode=settings.auto_refit_mode,
+            kl_refit_time_budget_seconds=settings.kl_refit_time_budget_seconds,
+            kl_refit_max_queries=settings.kl_refit_max_queries,
+        )
+        self.monitor = TelemetryMonitor(
+            self.registry,
+            interval_seconds=settings.telemetry_interval_seconds,
+            sample_size=settings.telemetry_sample_size,
+            refit_kl_ratio=settings.refit_kl_ratio,
         )
         self.metrics = Metrics(self.registry)
         self.service = SamplerService(settings, self.registry, self.metrics)
@@ -67,6 +78,7 @@ class SamplerServer:
         if self.settings.token is None:
             logger.warning("MIDX_API_TOKEN is not set: every route, mutations included, is open to any caller")
         await self.registry.restore()
+        self.monitor.start()
         await self._start_grpc()
         await self._start_rest()
         logger.info(
@@ -144,6 +156,7 @@ class SamplerServer:
             await self._grpc.stop(grace)
         if self._uvicorn_task is not None:
             await self._uvicorn_task
+        await self.monitor.close()
         await self.registry.close()
         logger.info("stopped in %.2f s", time.perf_counter() - started)
 

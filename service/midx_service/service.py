@@ -72,6 +72,10 @@ class SamplerService:
     def unready_indexes(self) -> list[IndexState]:
         return self.registry.unready()
 
+    def persistence_problem(self) -> str | None:
+        """Why mutations are being rejected by persistence (Redis or the data directory), or None."""
+        return self.registry.persistence_problem()
+
     # ---------------------------------------------------------------------------- mutations
 
     def check_table_bytes(self, num_bytes: int) -> None:
@@ -89,8 +93,9 @@ class SamplerService:
     async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         return await self.registry.update(name, ids, embeddings, weights)
 
-    async def rebuild(self, name: str) -> int:
-        return await self.registry.refit(name)
+    async def rebuild(self, name: str, mode: str = "kmeans", queries: Any | None = None) -> int:
+        """Refit the codebooks in `mode` ("kmeans" or "kl", see IndexRegistry.refit); return the version."""
+        return await self.registry.refit(name, mode, queries)
 
     # ----------------------------------------------------------------------------- sampling
 
@@ -120,6 +125,7 @@ class SamplerService:
         call = SampleCall(queries, num_samples, positives, exclude_positives, sampler or "midx", seed)
 
         result, version = await self.batcher.sample(name, snapshot, call)
+        self.registry.record_queries(name, queries)
 
         rows = int(result.ids.shape[0])
         self.metrics.queries.labels(name, call.sampler).inc(rows)
@@ -144,6 +150,7 @@ class SamplerService:
         queries = _empty_batch_as_matrix(queries, index.config.dim)
 
         log_q = await self.registry.compute(index.log_prob, queries, ids, sampler=sampler or "midx")
+        self.registry.record_queries(name, queries)
 
         self.metrics.queries.labels(name, sampler or "midx").inc(int(log_q.shape[0]))
         return LogProbAnswer(log_q.cpu().numpy(), snapshot.version)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,12 +16,16 @@ from midx_client import (
     AsyncRestSamplerClient,
     AsyncSamplerClient,
     IndexInfo,
+    ProposalQuality,
+    RefitReport,
     RestSamplerClient,
     SamplerClient,
     SamplerError,
     SampleResult,
 )
+from midx_client._convert import info_from_json
 from midx_service.core import IndexConfig, MidxIndex
+from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8
 NUM_CLASSES = 400
@@ -255,6 +261,140 @@ def test_async_clients_mirror_blocking_ones(server: Any, table: np.ndarray) -> N
     assert grpc[2] == rest[2] == rest_json[2] == 3
     np.testing.assert_array_equal(grpc[1].ids, rest[1].ids)
     np.testing.assert_array_equal(grpc[1].ids, rest_json[1].ids)
+
+
+@pytest.mark.slow
+def test_rebuild_kl_learns_from_served_queries(client: Any) -> None:
+    client.create_index("learned", LEARNABLE_DIM, num_codewords=LEARNABLE_CODEWORDS)
+    client.upload_embeddings("learned", learnable_table())
+    client.sample("learned", learnable_queries(), 2)
+
+    rebuilt = client.rebuild("learned", mode="kl")
+    info = _wait_for_quality(client, "learned", version=2)
+
+    assert rebuilt == 2
+    assert info.codebook_fit == "kl"
+    assert isinstance(info.last_refit, RefitReport)
+    assert info.last_refit.mode == "kl"
+    assert info.last_refit.accepted
+    assert info.last_refit.heldout_kl_after < info.last_refit.heldout_kl_before
+    # The server measures every index after a refit, on its 64 most recent queries by default.
+    assert isinstance(info.quality, ProposalQuality)
+    assert info.quality.num_queries == 64
+    assert info.quality.kl > 0
+    assert 0 < info.quality.effective_sample_fraction <= 1
+    assert info.quality.kl_at_fit == info.quality.kl
+
+
+def test_rebuild_kl_with_uploaded_queries_can_keep_index(client: Any, table: np.ndarray) -> None:
+    client.create_index("words", DIM, num_codewords=8)
+    client.upload_embeddings("words", table)
+
+    # Zero queries make P uniform, which the current Q already matches exactly.
+    rebuilt = client.rebuild("words", mode="kl", queries=torch.zeros(16, DIM))
+    info = client.get_index("words")
+
+    assert rebuilt == 1
+    assert info.codebook_fit == "kmeans"
+    assert info.last_refit.mode == "kl"
+    assert not info.last_refit.accepted
+    assert info.last_refit.version == 1
+    assert info.last_refit.num_queries == 16
+
+
+def test_rebuild_rejects_unknown_mode(client: Any, table: np.ndarray) -> None:
+    client.create_index("words", DIM, num_codewords=8)
+    client.upload_embeddings("words", table)
+
+    with pytest.raises(SamplerError) as failure:
+        client.rebuild("words", mode="annealing")
+
+    assert failure.value.code == "invalid_argument"
+    assert "annealing" in failure.value.message
+    assert client.get_index("words").last_refit is None
+
+
+def test_async_clients_rebuild_with_mode(server: Any, table: np.ndarray) -> None:
+    async def rebuild(client: Any, name: str) -> tuple[int, IndexInfo]:
+        async with client:
+            await client.create_index(name, DIM, num_codewords=8)
+            await client.upload_embeddings(name, table)
+            version = await client.rebuild(name, mode="kl", queries=np.zeros((16, DIM), np.float32))
+            return version, await client.get_index(name)
+
+    async def both() -> list[tuple[int, IndexInfo]]:
+        return [
+            await rebuild(AsyncSamplerClient(server.grpc_target), "g"),
+            await rebuild(AsyncRestSamplerClient(server.http_url), "r"),
+        ]
+
+    for version, info in asyncio.run(both()):
+        assert version == 1
+        assert info.last_refit.mode == "kl"
+        assert not info.last_refit.accepted
+
+
+def test_infinite_kl_reaches_client(client: Any, server: Any, table: np.ndarray) -> None:
+    client.create_index("popular", DIM, num_codewords=8, last_stage="popularity")
+    weights = np.ones(NUM_CLASSES)
+    weights[:10] = 0.0  # classes the softmax can draw but Q never proposes: the KL is infinite
+    client.upload_embeddings("popular", table, weights)
+    client.sample("popular", _queries(8), 2)
+    server.call(server.server.monitor.measure("popular"))
+
+    info = client.get_index("popular")
+
+    assert info.quality.num_queries == 8
+    assert info.quality.kl == math.inf
+    assert info.quality.effective_sample_fraction == 0.0
+
+
+def test_infinite_kl_survives_json() -> None:
+    body = {
+        "name": "words",
+        "dim": DIM,
+        "num_codewords": 8,
+        "quantizer": "rq",
+        "last_stage": "popularity",
+        "metric": "dot",
+        "unigram_alpha": 0.75,
+        "num_classes": NUM_CLASSES,
+        "version": 1,
+        "status": "ready",
+        "quantization_error": 0.5,
+        "fit_quantization_error": 0.5,
+        "device": "cpu",
+        "quality": {
+            "version": 1,
+            "measured_at": 1.0,
+            "num_queries": 4,
+            "kl": None,
+            "kl_at_fit": None,
+            "effective_sample_fraction": 0.0,
+            "empty_cell_fraction": 0.1,
+            "largest_cell_fraction": 0.2,
+            "quantization_error_ratio": 1.0,
+            "codeword_drift": 0.0,
+        },
+    }
+
+    info = info_from_json(body)
+
+    assert info.quality.kl == math.inf
+    assert info.quality.kl_at_fit is None
+    assert info.last_refit is None
+    assert info.codebook_fit == "kmeans"
+
+
+def _wait_for_quality(client: Any, name: str, version: int, timeout: float = 30.0) -> IndexInfo:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.get_index(name)
+        if info.quality is not None and info.quality.version >= version:
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"index {name!r} was not measured at version {version} within {timeout} s")
+        time.sleep(0.02)
 
 
 @pytest.mark.slow

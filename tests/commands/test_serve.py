@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -15,7 +16,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from midx_service.settings import InvalidSettingsError, load_settings
+from midx_service.commands import serve
+from midx_service.settings import InvalidSettingsError, Settings, load_settings
 
 _READY_LINE = re.compile(r"REST port (\d+), gRPC port (\d+)")
 
@@ -80,6 +82,15 @@ def test_invalid_setting_is_refused_by_name() -> None:
     assert "batch_window_ms (MIDX_BATCH_WINDOW_MS)" in stderr
 
 
+def test_unreachable_redis_stops_start_with_message() -> None:
+    process = _serve("--device", "cpu", "--redis-url", "redis://127.0.0.1:9/0")
+
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 1
+    assert "could not restore the indexes: cannot read the indexes from Redis at 127.0.0.1:9/0" in stderr
+
+
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIDX_HTTP_PORT", "8100")
     monkeypatch.setenv("MIDX_MAX_BATCH", "7")
@@ -90,6 +101,23 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_batch == 7
 
 
+def test_telemetry_flags_set_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIDX_TELEMETRY_SAMPLE_SIZE", "64")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(
+        ["--auto-refit-mode", "kl", "--refit-kl-ratio", "2.5", "--telemetry-reservoir-size", "128"]
+    )
+
+    settings = load_settings(**{name: getattr(args, name) for name in Settings.model_fields})
+
+    assert settings.auto_refit_mode == "kl"
+    assert settings.refit_kl_ratio == 2.5
+    assert settings.telemetry_reservoir_size == 128
+    assert settings.telemetry_sample_size == 64
+    assert settings.telemetry_interval_seconds == 60.0
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -98,6 +126,17 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"refit_error_ratio": 0.5}, "refit_error_ratio"),
         ({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": "/nonexistent/key.pem"}, "tls_cert_file"),
         ({"max_batch": 0}, "max_batch"),
+        ({"redis_url": "http://127.0.0.1:6379"}, "redis_url"),
+        ({"redis_prefix": "two words"}, "redis_prefix"),
+        ({"redis_url": "redis://127.0.0.1:6379/0", "data_dir": "/tmp"}, "data_dir"),
+        ({"snapshot_chunk_bytes": 1024}, "snapshot_chunk_bytes"),
+        ({"refit_kl_ratio": 0.9}, "refit_kl_ratio"),
+        ({"auto_refit_mode": "annealing"}, "auto_refit_mode"),
+        ({"kl_refit_time_budget_seconds": 0}, "kl_refit_time_budget_seconds"),
+        ({"kl_refit_max_queries": 4}, "kl_refit_max_queries"),
+        ({"telemetry_reservoir_size": -1}, "telemetry_reservoir_size"),
+        ({"telemetry_sample_size": -1}, "telemetry_sample_size"),
+        ({"telemetry_interval_seconds": -5}, "telemetry_interval_seconds"),
     ],
 )
 def test_invalid_settings_name_the_setting(overrides: dict[str, object], named: str) -> None:

@@ -385,3 +385,12 @@ def test_read_only_input_is_accepted_without_warning(table, queries, recwarn):
     index.sample(queries.numpy(), 3, seed=1)
 
     assert not [warning for warning in recwarn if "not writable" in str(warning.message)]
+
+
+@pytest.mark.parametrize(("quantizer", "last_stage", "metric"), VARIANTS)
+def test_log_prob_all_matches_log_prob(quantizer, last_stage, metric, table, queries, weights):
+    index = build(table, weights, num_codewords=5, quantizer=quantizer, last_stage=last_stage, metric=metric)
+
+    every = index.log_prob_all(queries)
+
+    torch.testing.assert_close(every, index.log_prob(queries, torch.arange(300).expand(5, -1)), atol=1e-6, rtol=0)

@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from midx_client._proto import sampler_pb2 as pb
 from midx_client._proto import sampler_pb2_grpc as pb_grpc
+from midx_service.core.telemetry import measure_quality
+from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8
 NUM_CLASSES = 300
@@ -161,6 +163,103 @@ def test_min_version_times_out(stub: pb_grpc.SamplerStub, words: str) -> None:
     request = pb.SampleRequest(name="words", queries=_tensor(_queries()), num_samples=2, min_version=9)
 
     assert _code(lambda: stub.Sample(request)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# --------------------------------------------------------------------- learned refits, telemetry
+
+
+@pytest.mark.slow
+def test_rebuild_kl_swaps_in_learned_codebooks(start_server: Any) -> None:
+    running = start_server(kl_refit_time_budget_seconds=20)
+    config = pb.IndexConfig(dim=LEARNABLE_DIM, num_codewords=LEARNABLE_CODEWORDS)
+    with grpc.insecure_channel(running.grpc_target) as channel:
+        stub = pb_grpc.SamplerStub(channel)
+        stub.CreateIndex(pb.CreateIndexRequest(name="learned", config=config))
+        table = learnable_table()
+        stub.UploadEmbeddings(
+            iter([pb.UploadEmbeddingsRequest(name="learned", num_rows=240, embeddings=_tensor(table))])
+        )
+
+        rebuilt = stub.Rebuild(pb.RebuildRequest(name="learned", mode="kl", queries=_tensor(learnable_queries())))
+        info = stub.GetIndex(pb.GetIndexRequest(name="learned"))
+
+    assert rebuilt.version == 2
+    assert info.version == 2
+    assert info.codebook_fit == "kl"
+    report = info.last_refit
+    assert (report.mode, report.trigger, report.accepted, report.version) == ("kl", "request", True, 2)
+    assert report.num_queries == 200
+    assert report.heldout_kl_after < report.heldout_kl_before
+
+
+def test_rebuild_kl_without_gain_keeps_index(stub: pb_grpc.SamplerStub, words: str) -> None:
+    # Zero queries make P uniform, which the current Q already matches exactly.
+    queries = _tensor(np.zeros((16, DIM), np.float32))
+
+    rebuilt = stub.Rebuild(pb.RebuildRequest(name="words", mode="kl", queries=queries))
+    info = stub.GetIndex(pb.GetIndexRequest(name="words"))
+
+    assert rebuilt.version == 1
+    assert info.version == 1
+    assert info.codebook_fit == "kmeans"
+    assert not info.last_refit.accepted
+    assert info.last_refit.heldout_kl_after == info.last_refit.heldout_kl_before
+
+
+@pytest.mark.parametrize(
+    ("mode", "queries", "code"),
+    [
+        ("annealing", None, grpc.StatusCode.INVALID_ARGUMENT),
+        ("kmeans", np.zeros((16, DIM), np.float32), grpc.StatusCode.INVALID_ARGUMENT),
+        ("kl", np.zeros((16, DIM + 1), np.float32), grpc.StatusCode.INVALID_ARGUMENT),
+        ("kl", np.full((16, DIM), np.inf, np.float32), grpc.StatusCode.INVALID_ARGUMENT),
+        ("kl", np.zeros((3, DIM), np.float32), grpc.StatusCode.INVALID_ARGUMENT),
+        ("kl", np.zeros((16, DIM), np.int64), grpc.StatusCode.INVALID_ARGUMENT),
+        ("kl", np.zeros((5000, DIM), np.float32), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("kl", None, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+def test_rebuild_rejects_bad_request(
+    stub: pb_grpc.SamplerStub, words: str, mode: str, queries: np.ndarray | None, code: grpc.StatusCode
+) -> None:
+    request = pb.RebuildRequest(name="words", mode=mode)
+    if queries is not None:
+        request.queries.CopyFrom(_tensor(queries))
+
+    assert _code(lambda: stub.Rebuild(request)) == code
+    info = stub.GetIndex(pb.GetIndexRequest(name="words"))
+    assert info.version == 1
+    assert not info.HasField("last_refit")
+
+
+def test_get_index_reports_measured_quality(server: Any, stub: pb_grpc.SamplerStub, words: str) -> None:
+    queries = np.random.default_rng(3).standard_normal((40, DIM)).astype(np.float32)
+    stub.LogProb(pb.LogProbRequest(name="words", queries=_tensor(queries), ids=_tensor(np.zeros((40, 1), np.int64))))
+    server.call(server.server.monitor.measure("words"))
+
+    info = stub.GetIndex(pb.GetIndexRequest(name="words"))
+
+    snapshot = server.call(server.server.registry.snapshot("words"))
+    expected = measure_quality(snapshot.index, queries)
+    quality = info.quality
+    assert quality.version == 1
+    assert quality.num_queries == 40
+    assert quality.kl == pytest.approx(expected.kl, rel=1e-12)
+    assert not quality.HasField("kl_at_fit")  # 40 queries are fewer than the sample size of 64
+    assert quality.effective_sample_fraction == pytest.approx(expected.effective_sample_fraction, rel=1e-12)
+    assert quality.empty_cell_fraction == pytest.approx(expected.empty_cell_fraction)
+    assert quality.largest_cell_fraction == pytest.approx(expected.largest_cell_fraction)
+    assert quality.quantization_error_ratio == pytest.approx(expected.quantization_error_ratio)
+    assert quality.codeword_drift == pytest.approx(expected.codeword_drift)
+    assert quality.measured_at > 0
+
+
+def test_get_index_has_no_quality_before_a_measurement(stub: pb_grpc.SamplerStub) -> None:
+    info = stub.CreateIndex(pb.CreateIndexRequest(name="fresh", config=pb.IndexConfig(dim=DIM)))
+
+    assert not info.HasField("quality")
+    assert not info.HasField("last_refit")
+    assert info.codebook_fit == "kmeans"
 
 
 def test_message_above_limit_is_resource_exhausted(start_server: Any) -> None:

@@ -14,9 +14,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from midx_client import RestSamplerClient, SamplerClient
 from midx_service.core import IndexConfig, MidxIndex
+from midx_service.core.telemetry import measure_quality
+from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8
 NUM_CLASSES = 300
@@ -440,6 +443,150 @@ def test_openapi_documents_routes_and_errors(http: httpx.Client) -> None:
         assert reference["schema"]["$ref"].rsplit("/", 1)[1] in schemas
     assert "/v1/indexes/{name}/log-prob" in spec["paths"]
     assert "/v1/indexes/{name}/rebuild" in spec["paths"]
+
+
+# --------------------------------------------------------------------- learned refits, telemetry
+
+
+def _learned_index(http: httpx.Client) -> None:
+    """Create index 'learned' from the learnable table, at version 1."""
+    config = {"dim": LEARNABLE_DIM, "num_codewords": LEARNABLE_CODEWORDS}
+    assert http.put("/v1/indexes/learned", json=config).status_code == 201
+    assert http.put("/v1/indexes/learned/embeddings", content=_npy(learnable_table()), headers=_NPY).status_code == 200
+
+
+@pytest.mark.slow
+def test_rebuild_kl_swaps_in_learned_codebooks(start_server: Any) -> None:
+    running = start_server(kl_refit_time_budget_seconds=20)
+    with httpx.Client(base_url=running.http_url, timeout=60) as http:
+        _learned_index(http)
+        queries = learnable_queries().tolist()
+        assert http.post("/v1/indexes/learned/sample", json={"queries": queries, "num_samples": 2}).status_code == 200
+
+        rebuilt = http.post("/v1/indexes/learned/rebuild", json={"mode": "kl"})
+        info = http.get("/v1/indexes/learned").json()
+
+    assert rebuilt.json() == {"version": 2}
+    assert info["version"] == 2
+    assert info["codebook_fit"] == "kl"
+    report = info["last_refit"]
+    assert report["mode"] == "kl"
+    assert report["trigger"] == "request"
+    assert report["accepted"] is True
+    assert report["version"] == 2
+    assert report["num_queries"] == 200
+    assert report["heldout_kl_after"] < report["heldout_kl_before"]
+
+
+def test_rebuild_kl_without_gain_keeps_index(http: httpx.Client, words: str) -> None:
+    # Zero queries make P uniform, which the current Q already matches exactly.
+    body = {"mode": "kl", "queries": np.zeros((16, DIM)).tolist()}
+
+    rebuilt = http.post("/v1/indexes/words/rebuild", json=body)
+    info = http.get("/v1/indexes/words").json()
+
+    assert rebuilt.json() == {"version": 1}
+    assert info["version"] == 1
+    assert info["codebook_fit"] == "kmeans"
+    assert info["last_refit"]["accepted"] is False
+    assert info["last_refit"]["heldout_kl_after"] == info["last_refit"]["heldout_kl_before"]
+
+
+def test_rebuild_without_body_refits_kmeans(http: httpx.Client, words: str) -> None:
+    rebuilt = http.post("/v1/indexes/words/rebuild")
+    report = http.get("/v1/indexes/words").json()["last_refit"]
+
+    assert rebuilt.json() == {"version": 2}
+    assert (report["mode"], report["accepted"], report["heldout_kl_before"]) == ("kmeans", True, None)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "named"),
+    [
+        ({"mode": "annealing"}, 400, "mode must be 'kmeans' or 'kl'"),
+        ({"mode": "kmeans", "queries": np.zeros((16, DIM)).tolist()}, 400, "only by mode 'kl'"),
+        ({"mode": "kl", "queries": np.zeros((16, DIM + 1)).tolist()}, 400, "columns"),
+        ({"mode": "kl", "queries": [[0.0] * DIM] * 15 + [[0.0]]}, 400, "rectangular"),
+        ({"mode": "kl", "queries": np.zeros((3, DIM)).tolist()}, 400, "at least 8"),
+        ({"mode": "kl", "queries": np.zeros((5000, DIM)).tolist()}, 413, "MIDX_KL_REFIT_MAX_QUERIES"),
+        ({"mode": "kl"}, 409, "has 0 recent queries"),
+        ({"mode": "kl", "shuffle": True}, 422, "shuffle"),
+    ],
+)
+def test_rebuild_rejects_bad_request(
+    http: httpx.Client, words: str, body: dict[str, Any], status: int, named: str
+) -> None:
+    response = http.post("/v1/indexes/words/rebuild", json=body)
+
+    assert response.status_code == status, response.text
+    assert named in response.json()["error"]["message"]
+    info = http.get("/v1/indexes/words").json()
+    assert info["version"] == 1
+    assert info["last_refit"] is None
+
+
+def test_rebuild_rejects_non_finite_queries(http: httpx.Client, words: str) -> None:
+    rows = ", ".join(["[" + ", ".join(["0"] * DIM) + "]"] * 15 + ["[NaN" + ", 0" * (DIM - 1) + "]"])
+    content = '{"mode": "kl", "queries": [' + rows + "]}"
+
+    response = http.post("/v1/indexes/words/rebuild", content=content, headers={"content-type": "application/json"})
+
+    assert "NaN" in _error(response, 400, "invalid_argument")
+    assert _version(http) == 1
+
+
+def test_info_and_metrics_report_measured_quality(start_server: Any, table: np.ndarray) -> None:
+    running = start_server(telemetry_sample_size=16, telemetry_interval_seconds=0)
+    queries = np.random.default_rng(3).standard_normal((40, DIM)).astype(np.float32)
+    with httpx.Client(base_url=running.http_url, timeout=30) as http:
+        http.put("/v1/indexes/words", json={"dim": DIM, "num_codewords": 8})
+        http.put("/v1/indexes/words/embeddings", content=_npy(table), headers=_NPY)
+        for batch in np.split(queries, 4):
+            http.post("/v1/indexes/words/sample", json={"queries": batch.tolist(), "num_samples": 3})
+        running.call(running.server.monitor.measure("words"))
+
+        info = http.get("/v1/indexes/words").json()
+        metrics = _gauges(http.get("/metrics").text, "words")
+
+    snapshot = running.call(running.server.registry.snapshot("words"))
+    expected = measure_quality(snapshot.index, queries[-16:])
+    quality = info["quality"]
+    assert quality["version"] == 1
+    assert quality["num_queries"] == 16
+    assert quality["kl_at_fit"] == quality["kl"]
+    for field, value in expected.to_dict().items():
+        assert quality[field] == pytest.approx(value, rel=1e-12), field
+    assert metrics["midx_index_kl_divergence"] == pytest.approx(expected.kl, rel=1e-12)
+    assert metrics["midx_index_effective_sample_fraction"] == pytest.approx(expected.effective_sample_fraction)
+    assert metrics["midx_index_empty_cell_fraction"] == pytest.approx(expected.empty_cell_fraction)
+    assert metrics["midx_index_largest_cell_fraction"] == pytest.approx(expected.largest_cell_fraction)
+    assert metrics["midx_index_quantization_error_ratio"] == pytest.approx(expected.quantization_error_ratio)
+    assert metrics["midx_index_codeword_drift"] == pytest.approx(expected.codeword_drift)
+    assert metrics["midx_index_kl_divergence_at_fit"] == pytest.approx(expected.kl)
+    assert metrics["midx_index_quality_queries"] == 16
+    assert metrics["midx_index_quality_version"] == 1
+
+
+def test_info_has_no_quality_before_a_measurement(http: httpx.Client) -> None:
+    http.put("/v1/indexes/fresh", json={"dim": DIM})
+
+    info = http.get("/v1/indexes/fresh").json()
+    text = http.get("/metrics").text
+
+    assert info["quality"] is None
+    assert info["last_refit"] is None
+    assert info["codebook_fit"] == "kmeans"
+    assert 'midx_index_kl_divergence{index="fresh"}' not in text
+
+
+def _gauges(text: str, index: str) -> dict[str, float]:
+    """Return the value of every sample labelled with `index` in a Prometheus text exposition."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("index") == index
+    }
 
 
 # --------------------------------------------------------------------------------------- bad input

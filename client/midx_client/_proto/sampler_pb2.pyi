@@ -33,7 +33,7 @@ class IndexConfig(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., num_codewords: _Optional[int] = ..., quantizer: _Optional[str] = ..., last_stage: _Optional[str] = ..., metric: _Optional[str] = ..., unigram_alpha: _Optional[float] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("name", "config", "num_classes", "version", "status", "quantization_error", "fit_quantization_error", "device", "error")
+    __slots__ = ("name", "config", "num_classes", "version", "status", "quantization_error", "fit_quantization_error", "device", "error", "codebook_fit", "quality", "last_refit")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,9 @@ class IndexInfo(_message.Message):
     FIT_QUANTIZATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODEBOOK_FIT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    LAST_REFIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: IndexConfig
     num_classes: int
@@ -52,7 +55,56 @@ class IndexInfo(_message.Message):
     fit_quantization_error: float
     device: str
     error: str
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[IndexConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., quantization_error: _Optional[float] = ..., fit_quantization_error: _Optional[float] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    codebook_fit: str
+    quality: ProposalQuality
+    last_refit: RefitReport
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[IndexConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., quantization_error: _Optional[float] = ..., fit_quantization_error: _Optional[float] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., codebook_fit: _Optional[str] = ..., quality: _Optional[_Union[ProposalQuality, _Mapping]] = ..., last_refit: _Optional[_Union[RefitReport, _Mapping]] = ...) -> None: ...
+
+class ProposalQuality(_message.Message):
+    __slots__ = ("version", "measured_at", "num_queries", "kl", "kl_at_fit", "effective_sample_fraction", "empty_cell_fraction", "largest_cell_fraction", "quantization_error_ratio", "codeword_drift")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    KL_AT_FIT_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_SAMPLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_CELL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_CELL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_ERROR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CODEWORD_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    measured_at: float
+    num_queries: int
+    kl: float
+    kl_at_fit: float
+    effective_sample_fraction: float
+    empty_cell_fraction: float
+    largest_cell_fraction: float
+    quantization_error_ratio: float
+    codeword_drift: float
+    def __init__(self, version: _Optional[int] = ..., measured_at: _Optional[float] = ..., num_queries: _Optional[int] = ..., kl: _Optional[float] = ..., kl_at_fit: _Optional[float] = ..., effective_sample_fraction: _Optional[float] = ..., empty_cell_fraction: _Optional[float] = ..., largest_cell_fraction: _Optional[float] = ..., quantization_error_ratio: _Optional[float] = ..., codeword_drift: _Optional[float] = ...) -> None: ...
+
+class RefitReport(_message.Message):
+    __slots__ = ("mode", "trigger", "accepted", "version", "seconds", "heldout_kl_before", "heldout_kl_after", "num_queries", "finished_at")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_KL_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_KL_AFTER_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    trigger: str
+    accepted: bool
+    version: int
+    seconds: float
+    heldout_kl_before: float
+    heldout_kl_after: float
+    num_queries: int
+    finished_at: float
+    def __init__(self, mode: _Optional[str] = ..., trigger: _Optional[str] = ..., accepted: _Optional[bool] = ..., version: _Optional[int] = ..., seconds: _Optional[float] = ..., heldout_kl_before: _Optional[float] = ..., heldout_kl_after: _Optional[float] = ..., num_queries: _Optional[int] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
 class CreateIndexRequest(_message.Message):
     __slots__ = ("name", "config")
@@ -181,10 +233,14 @@ class LogProbResponse(_message.Message):
     def __init__(self, log_q: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RebuildRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "mode", "queries")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    mode: str
+    queries: Tensor
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class RebuildResponse(_message.Message):
     __slots__ = ("version",)

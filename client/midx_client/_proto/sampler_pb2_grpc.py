@@ -133,7 +133,8 @@ class SamplerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rebuild(self, request, context):
-        """Refit the codebooks now (warm-started) and return the version that holds the new codebooks.
+        """Refit the codebooks now and return the version that contains the result (unchanged when a "kl"
+        refit is not accepted; GetIndex's last_refit says why).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

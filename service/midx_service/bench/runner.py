@@ -278,7 +278,10 @@ def _kl(table: torch.Tensor, index: MidxIndex, queries: torch.Tensor, sampler: s
     total = 0.0
     for chunk in queries.split(64):
         log_p = torch.log_softmax((chunk @ table.T).double(), dim=1)
-        log_q = index.log_prob(chunk, ids.expand(chunk.shape[0], -1), sampler=sampler).double()
+        if sampler == "midx":
+            log_q = index.log_prob_all(chunk).double()
+        else:
+            log_q = index.log_prob(chunk, ids.expand(chunk.shape[0], -1), sampler=sampler).double()
         p = log_p.exp()
         # Classes with P = 0 contribute nothing, also where Q = 0.
         total += float(torch.where(p > 0, p * (log_p - log_q), 0.0).sum())

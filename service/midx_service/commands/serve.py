@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
 from typing import Any
 
 from midx_service.allocator import keep_freed_buffers
+from midx_service.errors import MidxError
+from midx_service.persistence import create_store
+from midx_service.persistence.codec import CorruptDataError
 from midx_service.registry import MutationStore
 from midx_service.server import SamplerServer
 from midx_service.settings import InvalidSettingsError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
-
-# Module that provides `create_store(settings) -> MutationStore` for MIDX_REDIS_URL / MIDX_DATA_DIR.
-PERSISTENCE_MODULE = "midx_service.persistence"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,24 +46,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:  # a port in use, a certificate that cannot be read
         print(f"midx-sampler serve: could not start: {error}", file=sys.stderr)
         return 1
+    except (MidxError, CorruptDataError) as error:  # persistence unreachable or its data damaged
+        print(f"midx-sampler serve: could not restore the indexes: {error}", file=sys.stderr)
+        return 1
     return 0
-
-
-def create_store(settings: Settings) -> MutationStore | None:
-    """Return the persistence store the settings ask for, or None for in-memory state."""
-    if settings.redis_url is None and settings.data_dir is None:
-        return None
-    try:
-        module = importlib.import_module(PERSISTENCE_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != PERSISTENCE_MODULE:
-            raise
-        raise InvalidSettingsError(
-            "invalid setting: redis_url / data_dir (MIDX_REDIS_URL, MIDX_DATA_DIR) are set but this build "
-            "has no persistence layer; unset them to keep state in memory"
-        ) from None
-    store: MutationStore = module.create_store(settings)
-    return store
 
 
 async def _serve(settings: Settings, store: MutationStore | None) -> None:

@@ -371,6 +371,22 @@ class MidxIndex:
             return self._log_q(s1, s2, id_matrix, log_z)
         return proposal.log_prob(query_matrix, id_matrix)
 
+    def log_prob_all(self, queries: ArrayLike) -> torch.Tensor:
+        """Return the (B, N) float32 MIDX log Q of every class for each of the (B, D) queries.
+
+        Costs O(B N) memory: meant for evaluation on small batches (telemetry, benchmarks).
+        """
+        query_matrix = as_float_matrix(queries, "queries", self.config.dim, self.device)
+        if self.config.metric == "cosine":
+            query_matrix = normalise_rows(query_matrix)
+        s1, s2 = self.codebooks.scores(query_matrix)
+        log_z = torch.logsumexp(s1 + self._log_row_mass(s2)[0], dim=1) + math.log(self.cells.mass_scale)
+        log_q = s1.index_select(1, self.codes[:, 0]) + s2.index_select(1, self.codes[:, 1])
+        log_q -= log_z.unsqueeze(1)
+        if self._log_weight is not None:
+            log_q += self._log_weight.unsqueeze(0)
+        return log_q
+
     def _sampler(self, name: str) -> Any:
         if name == "midx":
             return self

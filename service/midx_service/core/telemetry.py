@@ -72,12 +72,11 @@ def kl_and_effective_sample_fraction(index: MidxIndex, queries: torch.Tensor) ->
     """Return the mean KL(P || Q) and mean 1 / sum_i P_i^2 / Q_i over (R, D) queries, exactly."""
     if index.config.metric == "cosine":
         queries = normalise_rows(queries)
-    ids = torch.arange(index.num_classes, device=index.device)
     kl_total = 0.0
     effective_total = 0.0
     for chunk in queries.split(QUERY_CHUNK):
         log_p = torch.log_softmax((chunk @ index.embeddings.T).double(), dim=1)
-        log_q = index.log_prob(chunk, ids.expand(chunk.shape[0], -1)).double()
+        log_q = index.log_prob_all(chunk).double()
         p = log_p.exp()
         drawn = p > 0
         # P > 0 where Q = 0 (a class of weight 0) makes both figures degenerate: KL is +inf and the
