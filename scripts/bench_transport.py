@@ -7,7 +7,8 @@ the GloVe shape (400,000 x 50 by default) over gRPC, builds the same index in th
 times B = 1024 queries, M = 100 samples per call: in-process `MidxIndex.sample`, the gRPC client, the
 REST client with .npz bodies and the REST client with JSON. The transports take turns within each
 round, and the first transport changes from round to round, so load from other jobs on the machine
-spreads over all of them. The figures are the medians over rounds of the mean time per call.
+spreads over all of them. The figures are the medians over rounds of the mean time per call. Both
+processes use the malloc thresholds of `midx_service.allocator`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from midx_client import RestSamplerClient, SamplerClient, SamplerError
+from midx_service.allocator import keep_freed_buffers
 from midx_service.bench.report import replace_section
 from midx_service.bench.runner import machine_description
 from midx_service.core import IndexConfig, MidxIndex
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # The same malloc thresholds as `midx-sampler serve`, so in-process sampling is not the one side
+    # without them.
+    keep_freed_buffers()
     result = run(args)
     command = "python scripts/bench_transport.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.markdown is not None:
@@ -193,10 +199,11 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
         "## Transports: sample round trip",
         "",
         f"Command: `{command}`. Machine: {machine['cpu']}, {machine['cpu_count']} CPUs, "
-        f"{machine['torch_threads']} torch threads, torch {machine['torch']}. Server and client are "
+        f"torch {machine['torch']} with {machine['torch_threads']} intra-op thread(s). Server and client are "
         f"separate processes on loopback. Table: random, {result['rows']:,} x {result['dim']}, "
         f"K = {result['num_codewords']}. B = {result['batch']} queries, M = {result['num_samples']} samples "
-        f"per call. {result['rounds']} rounds of {result['calls_per_round']} calls per transport, taking turns; "
+        f"per call, one call at a time. {result['rounds']} rounds of {result['calls_per_round']} calls per "
+        "transport, taking turns; "
         f"the figures are medians over rounds. Load average (1, 5, 15 min) before: {before}; after: {after}. "
         f"Upload of the table over gRPC including the server's build: {result['upload_seconds']:.1f} s.",
         "",
