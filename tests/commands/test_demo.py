@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from midx_client import SamplerClient
 from midx_service.cli import main
 from midx_service.demo.report import END_MARKER, START_MARKER
 
@@ -85,3 +86,18 @@ def test_demo_rejects_zero_steps(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert code == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_stops_when_index_exists(
+    start_server: Callable[..., RunningServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server()
+    with SamplerClient(server.grpc_target) as client:
+        client.create_index("taken", dim=50)
+
+        code = main(["demo", *TINY, "--samplers", "uniform", "--url", server.grpc_target, "--index-name", "taken"])
+
+        assert code == 1
+        assert "taken" in capsys.readouterr().err
+        assert [info.name for info in client.list_indexes()] == ["taken"]

@@ -65,15 +65,15 @@ def test_replace_section_creates_missing_file(tmp_path: Path) -> None:
 def test_markdown_lists_every_sampler() -> None:
     text = render_markdown(_results(), TrainingConfig(steps=10), CONTEXT, 4000.0, "demo.png")
 
-    assert "| full | 300.0 | 20.0 | 2.000 | 0% | 1.00 |" in text
-    assert "| midx-rq | 350.0 | 2.0 | 0.200 | 50% | 0.10 |" in text
+    assert "| full | 300.0 | 1.00 | 20.0 | 2.000 | 1.000 | 0% |" in text
+    assert "| midx-rq | 350.0 | 1.17 | 2.0 | 0.200 | 0.100 | 50% |" in text
     assert "![held-out perplexity against training time](demo.png)" in text
 
 
 def test_table_compares_step_time_with_full() -> None:
     table = format_table(_results(), 4000.0)
 
-    assert "0.10x" in table
+    assert "0.100x" in table
     assert "held-out perplexity before training: 4000" in table
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import numpy as np
@@ -139,3 +140,16 @@ def test_run_rejects_unknown_sampler() -> None:
 
     with pytest.raises(ValueError, match="sampler must be one of"):
         trainer.run("exact")
+
+
+def test_run_logs_progress(caplog: pytest.LogCaptureFixture) -> None:
+    trainer = _trainer(TrainingConfig(steps=20, batch_size=8, eval_every=10, eval_tokens=32, hidden=8))
+
+    with caplog.at_level(logging.INFO, logger="midx_service.demo.training"):
+        trainer.run("full")
+
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("full: step")]
+    assert len(lines) == 10
+    assert lines[0].startswith("full: step 2/20")
+    assert "held-out perplexity" in lines[4]
+    assert "held-out perplexity" not in lines[0]

@@ -26,12 +26,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MARKDOWN = Path("docs/benchmarks.md")
 DEFAULT_PLOT = Path("docs/demo-perplexity.png")
-DEFAULT_INDEX_NAME = "demo-glove"
+INDEX_NAME_PREFIX = "demo-glove-"
 
-# Budgets, sized so that all four samplers finish within the stated time on 2 CPU cores (see the
-# measured table in docs/benchmarks.md); the full softmax run takes most of it.
-FULL_BUDGET = TrainingConfig(steps=200, batch_size=256, eval_every=50, eval_tokens=2048)
-QUICK_BUDGET = TrainingConfig(steps=60, batch_size=128, eval_every=20, eval_tokens=1024)
+# Budgets, sized so that all four samplers finish within the stated time on 2 CPU cores. The full
+# softmax run takes most of it; docs/benchmarks.md has the measured times.
+FULL_BUDGET = TrainingConfig(steps=200, batch_size=256, eval_every=50, eval_tokens=1024)
+QUICK_BUDGET = TrainingConfig(steps=60, batch_size=128, eval_every=20, eval_tokens=512)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     service.add_argument(
         "--token", default=None, help="bearer token for --url (default: the MIDX_API_TOKEN environment variable)"
     )
-    service.add_argument("--index-name", default=DEFAULT_INDEX_NAME, help="name of the index the job creates")
+    service.add_argument(
+        "--index-name",
+        default=None,
+        help=f"name of the index the job creates and deletes again (default {INDEX_NAME_PREFIX}<random suffix>); "
+        "the job stops if an index of that name exists",
+    )
     service.add_argument(
         "--in-process",
         action="store_true",
@@ -124,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from midx_client import SamplerError
+
     from midx_service.data.corpus import load_corpus
     from midx_service.data.glove import MissingDataError, load_glove
     from midx_service.demo.report import RunContext, format_table, render_markdown, replace_section, write_plot
@@ -135,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    # Other processes on the machine slow every step down; the load average goes next to the times.
+    load_average = os.getloadavg()[0]
     try:
         glove, _ = load_glove()
     except MissingDataError as error:
@@ -155,20 +164,24 @@ def run(args: argparse.Namespace) -> int:
     index_config = IndexConfig(dim=glove.shape[1], num_codewords=args.num_codewords, last_stage=args.midx_last_stage)
 
     results: list[RunResult] = []
-    with _negative_source(args, index_config) as (source, transport):
-        for sampler in samplers:
-            logger.info("training with %s (%d steps of %d words)", sampler, config.steps, config.batch_size)
-            results.append(
-                trainer.run(
-                    sampler, None if sampler == "full" else source, _weights_for(sampler, weights, index_config)
-                )
-            )
-            if sampler != "full":
-                source.close()
+    try:
+        with _negative_source(args, index_config) as (source, transport):
+            for sampler in samplers:
+                logger.info("training with %s (%d steps of %d words)", sampler, config.steps, config.batch_size)
+                if sampler == "full":
+                    results.append(trainer.run(sampler))
+                    continue
+                try:
+                    results.append(trainer.run(sampler, source, _weights_for(sampler, weights, index_config)))
+                finally:
+                    source.close()
+    except SamplerError as error:
+        print(f"midx-sampler demo: a call to the service failed: {error}", file=sys.stderr)
+        return 1
     logger.info("main job finished in %.0f s", time.perf_counter() - started)
 
     context = RunContext(
-        command=_command_line(args),
+        command=_command_line(),
         transport=transport,
         num_classes=num_classes,
         num_train_tokens=train.num_tokens,
@@ -176,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=evaluator.num_tokens,
         unigram_weights=_describe_weights(args.unigram_weights),
         midx_index=f"K = {args.num_codewords} residual quantisation with the {args.midx_last_stage} last stage",
-        machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}",
+        machine=f"{os.cpu_count()} CPU cores ({platform.machine()}, 1-minute load average {load_average:.1f} "
+        f"at the start), torch {torch.__version__}",
     )
     markdown_path, plot_path = _output_paths(args)
     if plot_path is not None:
@@ -236,7 +250,7 @@ def _weights_for(sampler: str, weights: np.ndarray, config: IndexConfig) -> np.n
     """Return the class weights to upload for `sampler`.
 
     The unigram sampler raises the uploaded weights to the power unigram_alpha itself, but the
-    popularity last stage draws by the weights as they are; raising them here makes midx-rq draw
+    popularity last stage draws by the weights as they are. Raising them here makes midx-rq draw
     inside a cell by the same distribution that the unigram sampler draws from.
     """
     if sampler == "midx-rq" and config.last_stage == "popularity":
@@ -260,10 +274,11 @@ def _negative_source(args: argparse.Namespace, config: IndexConfig) -> Iterator[
         yield InProcessNegativeSource(config), "no service (in-process fallback)"
         return
     token = args.token or os.environ.get("MIDX_API_TOKEN") or None
+    index_name = args.index_name or INDEX_NAME_PREFIX + secrets.token_hex(4)
     if args.url is not None:
         client, transport = _connect(args.url, token)
         with contextlib.closing(client):
-            yield ServiceNegativeSource(client, args.index_name, config), f"{transport} to {args.url}"
+            yield ServiceNegativeSource(client, index_name, config), f"{transport} to {args.url}"
         return
 
     from midx_service.demo.background import BackgroundServer
@@ -275,7 +290,7 @@ def _negative_source(args: argparse.Namespace, config: IndexConfig) -> Iterator[
         logger.info("started the service in the background: REST %s, gRPC %s", server.http_url, server.grpc_target)
         client, transport = _connect(url, background_token)
         with contextlib.closing(client):
-            yield ServiceNegativeSource(client, args.index_name, config), f"{transport} to a local service"
+            yield ServiceNegativeSource(client, index_name, config), f"{transport} to a local service"
 
 
 def _connect(url: str, token: str | None) -> tuple[Any, str]:
@@ -295,5 +310,6 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     return args.markdown or DEFAULT_MARKDOWN, args.plot or DEFAULT_PLOT
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    return "midx-sampler demo" + (" " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "")
+def _command_line() -> str:
+    arguments = sys.argv[2:] if sys.argv[1:2] == ["demo"] else []
+    return " ".join(["midx-sampler demo", *arguments])

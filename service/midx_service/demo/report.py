@@ -16,7 +16,7 @@ END_MARKER = "<!-- demo:end -->"
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the results were measured on, printed next to them."""
+    """The setting of a run of the main job, printed next to its results."""
 
     command: str
     transport: str
@@ -63,14 +63,14 @@ def results_json(results: Sequence[RunResult], config: TrainingConfig, context: 
 
 def format_table(results: Sequence[RunResult], initial_perplexity: float) -> str:
     """Return the plain-text results table printed at the end of the run."""
-    header = f"{'sampler':<10} {'perplexity':>11} {'seconds':>9} {'s/step':>8} {'service':>8} {'vs full':>8}"
+    header = f"{'sampler':<10} {'perplexity':>11} {'seconds':>9} {'s/step':>8} {'step vs full':>13} {'on service':>11}"
     lines = [header, "-" * len(header)]
     full_step = _full_seconds_per_step(results)
     for result in results:
-        speed = f"{result.seconds_per_step / full_step:.2f}x" if full_step else "-"
+        speed = f"{result.seconds_per_step / full_step:.3f}x" if full_step else "-"
         lines.append(
             f"{result.sampler:<10} {result.perplexity:>11.1f} {result.seconds:>9.1f} "
-            f"{result.seconds_per_step:>8.3f} {100 * result.service_share:>7.0f}% {speed:>8}"
+            f"{result.seconds_per_step:>8.3f} {speed:>13} {100 * result.service_share:>10.0f}%"
         )
     lines.append(f"(held-out perplexity before training: {initial_perplexity:.0f})")
     return "\n".join(lines) + "\n"
@@ -102,15 +102,19 @@ def render_markdown(
         "",
         f"The unigram sampler draws by {context.unigram_weights}; midx-rq is {context.midx_index}.",
         "",
-        "| sampler | held-out perplexity | seconds | seconds per step | waiting on service | step time vs full |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| sampler | held-out perplexity | perplexity vs full | seconds | seconds per step | step time vs full "
+        "| waiting on service |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    full_step = _full_seconds_per_step(results)
+    full = next((result for result in results if result.sampler == "full"), None)
     for result in results:
-        speed = f"{result.seconds_per_step / full_step:.2f}" if full_step else "-"
+        perplexity_ratio = speed = "-"
+        if full is not None:
+            perplexity_ratio = f"{result.perplexity / full.perplexity:.2f}"
+            speed = f"{result.seconds_per_step / full.seconds_per_step:.3f}" if full.seconds_per_step else "-"
         lines.append(
-            f"| {result.sampler} | {result.perplexity:.1f} | {result.seconds:.1f} | {result.seconds_per_step:.3f} "
-            f"| {100 * result.service_share:.0f}% | {speed} |"
+            f"| {result.sampler} | {result.perplexity:.1f} | {perplexity_ratio} | {result.seconds:.1f} "
+            f"| {result.seconds_per_step:.3f} | {speed} | {100 * result.service_share:.0f}% |"
         )
     if plot_name is not None:
         lines += ["", f"![held-out perplexity against training time]({plot_name})"]

@@ -1,8 +1,7 @@
-"""Where the trainer gets its negatives: the sampling service, or (fallback) an index in this process."""
+"""Negative sources of the trainer: the sampling service, or (fallback) an index in this process."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol
 
 import numpy as np
@@ -10,11 +9,9 @@ import torch
 
 from midx_service.core import IndexConfig, MidxIndex
 
-logger = logging.getLogger(__name__)
-
 
 class Negatives(Protocol):
-    """One sample answer: (B, M) ids and log_q, (B, P) positive_log_q, and the index version used."""
+    """One sample result: (B, M) ids and log_q, (B, P) positive_log_q, and the index version used."""
 
     @property
     def ids(self) -> Any: ...
@@ -47,11 +44,11 @@ class NegativeSource(Protocol):
         ...
 
     def push_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
-        """Replace the (U,) rows `ids` with the (U, D) `rows`; return the version that holds them."""
+        """Replace the (U,) rows `ids` with the (U, D) `rows`; return the version that contains them."""
         ...
 
     def close(self) -> None:
-        """Delete the index."""
+        """Delete the index, if `upload` created one."""
         ...
 
 
@@ -62,12 +59,9 @@ class ServiceNegativeSource:
         self.client = client
         self.index_name = index_name
         self.config = config
+        self.created = False
 
     def upload(self, embeddings: np.ndarray, weights: np.ndarray | None) -> int:
-        names = {info.name for info in self.client.list_indexes()}
-        if self.index_name in names:
-            logger.info("deleting index %r left over from an earlier run", self.index_name)
-            self.client.delete_index(self.index_name)
         self.client.create_index(
             self.index_name,
             self.config.dim,
@@ -76,6 +70,7 @@ class ServiceNegativeSource:
             last_stage=self.config.last_stage,
             metric=self.config.metric,
         )
+        self.created = True
         return int(self.client.upload_embeddings(self.index_name, embeddings, weights))
 
     def sample(
@@ -103,7 +98,9 @@ class ServiceNegativeSource:
         return int(self.client.update_embeddings(self.index_name, ids, rows))
 
     def close(self) -> None:
-        self.client.delete_index(self.index_name)
+        if self.created:
+            self.created = False
+            self.client.delete_index(self.index_name)
 
 
 class InProcessNegativeSource:

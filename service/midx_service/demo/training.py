@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +52,7 @@ class CurvePoint:
 
 @dataclass
 class RunResult:
-    """What one sampler's run measured.
+    """Measurements of one sampler's run.
 
     seconds: training wall time, held-out evaluations excluded. service_seconds: the part of it spent
     waiting for sample and row-update calls. setup_seconds: creating the index and uploading the
@@ -81,7 +80,7 @@ class RunResult:
 
 
 class Batches:
-    """A fixed schedule of training batches drawn with a seed, so every sampler sees the same data."""
+    """A fixed schedule of training batches drawn with a seed, so every sampler trains on the same data."""
 
     def __init__(self, split: Split, context: int, batch_size: int, steps: int, seed: int) -> None:
         positions = split.target_positions(context)
@@ -132,9 +131,6 @@ class Evaluator:
         return math.exp(total / self.num_tokens)
 
 
-ProgressCallback = Callable[[str], None]
-
-
 class Trainer:
     """Runs one sampler's training from the shared starting point and measures it."""
 
@@ -176,6 +172,7 @@ class Trainer:
         setup_seconds = time.perf_counter() - started
         result = RunResult(sampler, self.config.steps, 0.0, 0.0, setup_seconds)
         result.curve.append(CurvePoint(0, 0.0, self.initial_perplexity))
+        progress_every = max(1, self.config.steps // 10)
 
         for step in range(1, self.config.steps + 1):
             step_started = time.perf_counter()
@@ -188,21 +185,26 @@ class Trainer:
                     state.push_changed_rows(source)
             result.seconds += time.perf_counter() - step_started
 
-            if step % self.config.eval_every == 0 or step == self.config.steps:
-                perplexity = self.evaluator.perplexity(model, table)
-                result.curve.append(CurvePoint(step, result.seconds, perplexity))
-                logger.info(
-                    "%s: step %d/%d, loss %.3f, held-out perplexity %.1f, %.3f s/step, %.0f%% waiting on the service",
-                    sampler,
-                    step,
-                    self.config.steps,
-                    loss,
-                    perplexity,
-                    result.seconds / step,
-                    100.0 * state.service_seconds / result.seconds,
-                )
+            evaluate = step % self.config.eval_every == 0 or step == self.config.steps
+            if evaluate:
+                result.curve.append(CurvePoint(step, result.seconds, self.evaluator.perplexity(model, table)))
+            if evaluate or step % progress_every == 0:
+                self._log_progress(result, state, step, loss, evaluate)
         result.service_seconds = state.service_seconds
         return result
+
+    def _log_progress(self, result: RunResult, state: _RunState, step: int, loss: float, evaluated: bool) -> None:
+        perplexity = f", held-out perplexity {result.perplexity:.1f}" if evaluated else ""
+        logger.info(
+            "%s: step %d/%d, loss %.3f%s, %.3f s/step, %.0f%% waiting on the service",
+            result.sampler,
+            step,
+            self.config.steps,
+            loss,
+            perplexity,
+            result.seconds / step,
+            100.0 * state.service_seconds / result.seconds,
+        )
 
 
 class _RunState:
