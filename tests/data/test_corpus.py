@@ -147,3 +147,15 @@ def test_context_queries_are_deterministic_means() -> None:
     np.testing.assert_array_equal(queries, again)
     assert not np.array_equal(queries, other)
     assert corpus.context_queries(0, seed=0).shape == (0, 50)
+
+
+def test_restricted_split_drops_rare_words() -> None:
+    split = corpus.Split(
+        tokens=np.array([0, 5, 1, 7, 2, 3], dtype=np.int64), document_starts=np.array([0, 2, 4], dtype=np.int64)
+    )
+
+    restricted = split.restricted(4)
+
+    assert restricted.tokens.tolist() == [0, 1, 2, 3]
+    assert restricted.document_starts.tolist() == [0, 1, 2]
+    assert split.restricted(8) is split

@@ -21,11 +21,16 @@ def test_load_glove_returns_table_and_vocabulary() -> None:
     assert bool(np.isfinite(embeddings[:1000]).all())
 
 
-def test_load_glove_table_is_read_only() -> None:
-    embeddings, _ = glove.load_glove()
+def test_load_glove_returns_independent_copies() -> None:
+    embeddings, vocabulary = glove.load_glove()
+    original = float(embeddings[0, 0])
 
-    with pytest.raises(ValueError, match="read-only"):
-        embeddings[0, 0] = 1.0
+    embeddings[0, 0] = original + 1.0
+    vocabulary[0] = "changed"
+    again, vocabulary_again = glove.load_glove()
+
+    assert float(again[0, 0]) == original
+    assert vocabulary_again[0] == "the"
 
 
 def test_missing_package_names_the_data_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,6 +77,14 @@ class Split:
         offset_in_document = position - self.document_starts[document]
         return position[offset_in_document >= context]
 
+    def restricted(self, num_classes: int) -> Split:
+        """Return this split without the tokens whose id is num_classes or more (rarer words)."""
+        keep = self.tokens < num_classes
+        if bool(keep.all()):
+            return self
+        kept_before = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+        return Split(tokens=self.tokens[keep], document_starts=kept_before[self.document_starts])
+
 
 @dataclass(frozen=True)
 class Corpus:

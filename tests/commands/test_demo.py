@@ -1,0 +1,103 @@
+"""End-to-end tests of `midx-sampler demo` on a tiny budget, through a real service."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from midx_client import SamplerClient
+from midx_service.cli import main
+from midx_service.demo.report import END_MARKER, START_MARKER
+
+from tests.conftest import RunningServer
+
+# A tiny budget over the 5,000 most frequent words keeps one run to a few seconds after the corpus is built.
+TINY = ["--num-classes", "5000", "--steps", "4", "--batch-size", "16", "--eval-every", "2", "--eval-tokens", "64"]
+
+
+@pytest.mark.slow
+def test_demo_runs_every_sampler_through_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    markdown = tmp_path / "benchmarks.md"
+    markdown.write_text("# Benchmarks\n\n<!-- core-benchmark:start -->\ncore\n<!-- core-benchmark:end -->\n")
+    plot = tmp_path / "demo.png"
+
+    code = main(["demo", *TINY, "--json", "--markdown", str(markdown), "--plot", str(plot)])
+
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    results = payload["results"]
+    assert [result["sampler"] for result in results] == ["full", "uniform", "unigram", "midx-rq"]
+    for result in results:
+        assert math.isfinite(result["perplexity"])
+        assert result["perplexity"] > 1.0
+        assert result["seconds"] > 0.0
+        assert result["seconds_per_step"] == pytest.approx(result["seconds"] / 4)
+        assert [point["step"] for point in result["curve"]] == [0, 2, 4]
+    assert payload["context"]["transport"] == "gRPC to a local service"
+    assert all(result["service_share"] > 0.0 for result in results[1:])
+    text = markdown.read_text()
+    assert "core\n<!-- core-benchmark:end -->" in text
+    assert START_MARKER in text
+    assert END_MARKER in text
+    assert "| midx-rq |" in text
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_demo_uses_running_service_over_rest(
+    start_server: Callable[..., RunningServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server(api_token="demo-test-token")
+
+    code = main(
+        [
+            "demo",
+            *TINY,
+            "--samplers",
+            "midx-rq",
+            "--url",
+            server.http_url,
+            "--token",
+            "demo-test-token",
+            "--json",
+            "--no-write",
+        ]
+    )
+
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [result["sampler"] for result in payload["results"]] == ["midx-rq"]
+    assert payload["context"]["transport"].startswith("REST to http://127.0.0.1:")
+    assert server.server.registry.states() == []
+
+
+def test_demo_rejects_unknown_sampler(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--samplers", "full,exact", "--no-write"])
+
+    assert code == 2
+    assert "--samplers" in capsys.readouterr().err
+
+
+def test_demo_rejects_zero_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--steps", "0", "--no-write"])
+
+    assert code == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_stops_when_index_exists(
+    start_server: Callable[..., RunningServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server()
+    with SamplerClient(server.grpc_target) as client:
+        client.create_index("taken", dim=50)
+
+        code = main(["demo", *TINY, "--samplers", "uniform", "--url", server.grpc_target, "--index-name", "taken"])
+
+        assert code == 1
+        assert "taken" in capsys.readouterr().err
+        assert [info.name for info in client.list_indexes()] == ["taken"]
