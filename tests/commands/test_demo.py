@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from midx_client import SamplerClient
 from midx_service.cli import main
 from midx_service.demo.report import END_MARKER, START_MARKER
-
 from tests.conftest import RunningServer
 
 # A tiny budget over the 5,000 most frequent words keeps one run to a few seconds after the corpus is built.

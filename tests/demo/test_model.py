@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from midx_service.demo.model import NextWordModel, RowAdagrad
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from midx_service.core import IndexConfig
 from midx_service.data.corpus import Split
 from midx_service.demo.model import NextWordModel

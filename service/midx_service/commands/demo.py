@@ -130,7 +130,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from midx_client import SamplerError
-
     from midx_service.data.corpus import load_corpus
     from midx_service.data.glove import MissingDataError, load_glove
     from midx_service.demo.report import RunContext, format_table, render_markdown, replace_section, write_plot

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from midx_client.loss import sampled_softmax_loss
 
+from midx_client.loss import sampled_softmax_loss
 from midx_service.data.corpus import Split
 from midx_service.demo.model import NextWordModel, RowAdagrad
 from midx_service.demo.sources import NegativeSource
