@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from midx_service.bench.report import render_markdown, replace_section
 from midx_service.bench.runner import BenchPlan, run_benchmark
 
@@ -22,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
     parser.add_argument("--device", default="cpu", help="torch device to run the index on (cpu, cuda)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's own choice, one per core)",
+    )
+    parser.add_argument(
         "--markdown",
         type=Path,
         default=None,
@@ -34,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from midx_service.data.corpus import context_queries
     from midx_service.data.glove import load_glove
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     plan = BenchPlan.quick() if args.quick else BenchPlan.full()
     started = time.perf_counter()
     logger.info("loading the GloVe table and context queries")
@@ -42,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     training_queries = context_queries(2048, seed=1)
     result = run_benchmark(table, queries, plan, training_queries=training_queries, device=args.device)
     command = "midx-sampler bench" + (" --quick" if args.quick else "")
+    if args.threads is not None:
+        command += f" --threads {args.threads}"
     logger.info("benchmark finished in %.0f s", time.perf_counter() - started)
 
     if args.markdown is not None:
