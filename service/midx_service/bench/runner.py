@@ -96,9 +96,9 @@ def run_benchmark(
         for quantizer in ("rq", "pq"):
             progress(f"building midx-{quantizer} with K = {num_codewords}")
             config = IndexConfig(dim=table.shape[1], num_codewords=num_codewords, quantizer=quantizer)
-            started = time.perf_counter()
+            build_started = time.perf_counter()
             index = MidxIndex.build(config, torch_table, weights, device=device)
-            build_seconds = time.perf_counter() - started
+            build_seconds = time.perf_counter() - build_started
             if quantizer == "rq" and num_codewords == TARGET_CODEWORDS:
                 result["build_seconds"] = build_seconds
                 result["update_1000_rows_seconds"] = _update_seconds(index, plan.repeats)
