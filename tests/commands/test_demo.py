@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -101,3 +102,20 @@ def test_demo_stops_when_index_exists(
         assert code == 1
         assert "taken" in capsys.readouterr().err
         assert [info.name for info in client.list_indexes()] == ["taken"]
+
+
+def test_demo_without_matplotlib_names_data_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec_without_matplotlib(name: str, package: str | None = None) -> object:
+        return None if name == "matplotlib" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec_without_matplotlib)
+
+    code = main(["demo", "--plot", str(tmp_path / "plot.png")])
+
+    assert code == 1
+    assert "midx-sampler[data]" in capsys.readouterr().err
+    assert not (tmp_path / "plot.png").exists()

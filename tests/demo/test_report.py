@@ -21,7 +21,6 @@ CONTEXT = RunContext(
     transport="gRPC to a local service",
     num_classes=400_000,
     num_train_tokens=1000,
-    num_heldout_tokens=100,
     eval_tokens=64,
     unigram_weights="Zipf weights",
     midx_index="K = 64 residual quantisation",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,14 @@ import numpy as np
 import torch
 
 from midx_service.core import IndexConfig
+from midx_service.demo.report import (
+    RunContext,
+    format_table,
+    render_markdown,
+    replace_section,
+    results_json,
+    write_plot,
+)
 from midx_service.demo.training import SAMPLERS, Batches, Evaluator, RunResult, Trainer, TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -28,8 +37,9 @@ DEFAULT_MARKDOWN = Path("docs/benchmarks.md")
 DEFAULT_PLOT = Path("docs/demo-perplexity.png")
 INDEX_NAME_PREFIX = "demo-glove-"
 
-# Budgets, sized so that all four samplers finish within the stated time on 2 CPU cores. The full
-# softmax run takes most of it; docs/benchmarks.md has the measured times.
+# The default budget is meant to finish all four samplers within 10 minutes on 2 CPU cores, and
+# --quick within 3. They took about 5.5 and 1 minute on the 2-core development machine (see
+# docs/benchmarks.md); the full softmax run takes most of it.
 FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
 QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512)
 
@@ -130,9 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from midx_client import SamplerError
-    from midx_service.data.corpus import load_corpus
-    from midx_service.data.glove import MissingDataError, load_glove
-    from midx_service.demo.report import RunContext, format_table, render_markdown, replace_section, write_plot
+    from midx_service.data.glove import MissingDataError
 
     try:
         config = _training_config(args)
@@ -140,17 +148,66 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 2
+    markdown_path, plot_path = _output_paths(args)
     started = time.perf_counter()
     # Other processes on the machine slow every step down; the load average goes next to the times.
     load_average = os.getloadavg()[0]
     try:
-        glove, _ = load_glove()
+        if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+            raise MissingDataError(
+                "the plot needs matplotlib, which is not installed; install the data extra "
+                "(pip install 'midx-sampler[data]') or pass --no-write"
+            )
+        job = _prepare_job(args, config)
+        results, transport = _run_samplers(args, job, samplers)
     except MissingDataError as error:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 1
-    corpus = load_corpus()
+    except SamplerError as error:
+        print(f"midx-sampler demo: a call to the service failed: {error}", file=sys.stderr)
+        return 1
+
+    context = RunContext(
+        command=_command_line(),
+        transport=transport,
+        num_classes=job.num_classes,
+        num_train_tokens=job.num_train_tokens,
+        eval_tokens=job.trainer.evaluator.num_tokens,
+        unigram_weights=_describe_weights(args.unigram_weights),
+        midx_index=f"K = {args.num_codewords} residual quantisation with the {args.midx_last_stage} last stage",
+        machine=f"{os.cpu_count()} CPU cores ({platform.machine()}, 1-minute load average {load_average:.1f} "
+        f"at the start), torch {torch.__version__}",
+        total_seconds=time.perf_counter() - started,
+    )
+    logger.info("main job finished in %.0f s", context.total_seconds)
+    _write_outputs(results, config, context, job.trainer.initial_perplexity, markdown_path, plot_path)
+    if args.json:
+        json.dump(results_json(results, config, context), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_table(results, job.trainer.initial_perplexity))
+    return 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The trainer with its data, and the (N,) unigram weights of the output classes."""
+
+    trainer: Trainer
+    num_classes: int
+    num_train_tokens: int
+    unigram_weights: np.ndarray
+
+
+def _prepare_job(args: argparse.Namespace, config: TrainingConfig) -> _Job:
+    """Load the table and the text, and evaluate the shared starting model."""
+    from midx_service.data.corpus import load_corpus
+    from midx_service.data.glove import load_glove
+
+    glove, _ = load_glove()
     num_classes = args.num_classes or glove.shape[0]
     glove = np.ascontiguousarray(glove[:num_classes])
+    corpus = load_corpus()
     train = corpus.train.restricted(num_classes)
     heldout = corpus.heldout.restricted(num_classes)
 
@@ -160,55 +217,46 @@ def run(args: argparse.Namespace) -> int:
     trainer.initial_perplexity = evaluator.perplexity(trainer.new_model(), torch.from_numpy(glove))
     logger.info("held-out perplexity before training: %.0f", trainer.initial_perplexity)
     weights = _unigram_weights(args.unigram_weights, num_classes, train.tokens)
-    index_config = IndexConfig(dim=glove.shape[1], num_codewords=args.num_codewords, last_stage=args.midx_last_stage)
+    return _Job(trainer, num_classes, train.num_tokens, weights)
 
-    results: list[RunResult] = []
-    try:
-        with _negative_source(args, index_config) as (source, transport):
-            for sampler in samplers:
-                logger.info("training with %s (%d steps of %d words)", sampler, config.steps, config.batch_size)
-                if sampler == "full":
-                    results.append(trainer.run(sampler))
-                    continue
-                try:
-                    results.append(trainer.run(sampler, source, _weights_for(sampler, weights, index_config)))
-                finally:
-                    source.close()
-    except SamplerError as error:
-        print(f"midx-sampler demo: a call to the service failed: {error}", file=sys.stderr)
-        return 1
 
-    context = RunContext(
-        command=_command_line(),
-        transport=transport,
-        num_classes=num_classes,
-        num_train_tokens=train.num_tokens,
-        num_heldout_tokens=heldout.num_tokens,
-        eval_tokens=evaluator.num_tokens,
-        unigram_weights=_describe_weights(args.unigram_weights),
-        midx_index=f"K = {args.num_codewords} residual quantisation with the {args.midx_last_stage} last stage",
-        total_seconds=time.perf_counter() - started,
-        machine=f"{os.cpu_count()} CPU cores ({platform.machine()}, 1-minute load average {load_average:.1f} "
-        f"at the start), torch {torch.__version__}",
+def _run_samplers(args: argparse.Namespace, job: _Job, samplers: list[str]) -> tuple[list[RunResult], str]:
+    """Train under each sampler in turn; return the results and a description of the transport."""
+    trainer = job.trainer
+    config = trainer.config
+    index_config = IndexConfig(
+        dim=trainer.glove.shape[1], num_codewords=args.num_codewords, last_stage=args.midx_last_stage
     )
-    logger.info("main job finished in %.0f s", context.total_seconds)
-    markdown_path, plot_path = _output_paths(args)
+    results: list[RunResult] = []
+    with _negative_source(args, index_config) as (source, transport):
+        for sampler in samplers:
+            logger.info("training with %s (%d steps of %d words)", sampler, config.steps, config.batch_size)
+            if sampler == "full":
+                results.append(trainer.run(sampler))
+                continue
+            weights = _weights_for(sampler, job.unigram_weights, index_config)
+            try:
+                results.append(trainer.run(sampler, source, weights))
+            finally:
+                source.close()
+    return results, transport
+
+
+def _write_outputs(
+    results: list[RunResult],
+    config: TrainingConfig,
+    context: RunContext,
+    initial_perplexity: float,
+    markdown_path: Path | None,
+    plot_path: Path | None,
+) -> None:
     if plot_path is not None:
         write_plot(results, plot_path)
         logger.info("wrote the plot to %s", plot_path)
     if markdown_path is not None:
         plot_name = None if plot_path is None else os.path.relpath(plot_path, markdown_path.parent)
-        replace_section(markdown_path, render_markdown(results, config, context, trainer.initial_perplexity, plot_name))
+        replace_section(markdown_path, render_markdown(results, config, context, initial_perplexity, plot_name))
         logger.info("wrote the results section of %s", markdown_path)
-
-    if args.json:
-        from midx_service.demo.report import results_json
-
-        json.dump(results_json(results, config, context), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(format_table(results, trainer.initial_perplexity))
-    return 0
 
 
 def _training_config(args: argparse.Namespace) -> TrainingConfig:

@@ -22,7 +22,6 @@ class RunContext:
     transport: str
     num_classes: int
     num_train_tokens: int
-    num_heldout_tokens: int
     eval_tokens: int
     unigram_weights: str
     midx_index: str
