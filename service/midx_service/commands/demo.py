@@ -38,8 +38,8 @@ DEFAULT_PLOT = Path("docs/demo-perplexity.png")
 INDEX_NAME_PREFIX = "demo-glove-"
 
 # The default budget is meant to finish all four samplers within 10 minutes on 2 CPU cores, and
-# --quick within 3. They took about 5.5 and 1 minute on the 2-core development machine (see
-# docs/benchmarks.md); the full softmax run takes most of it.
+# --quick within 3. They took 4 to 5.5 minutes and about 1 minute on the 2-core development machine
+# (see docs/benchmarks.md); the full softmax run takes most of it.
 FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
 QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512)
 
