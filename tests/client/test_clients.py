@@ -409,3 +409,17 @@ def test_glove_sized_table_uploads(client: Any) -> None:
     assert version == 1
     assert info.num_classes == 400_000
     assert info.status == "ready"
+
+
+@pytest.mark.parametrize("name", ["runs?v=2", "model#3", "x/../y", "a/b"])
+def test_reserved_characters_never_reach_another_index(client: Any, table: np.ndarray, name: str) -> None:
+    client.create_index("y", dim=DIM, num_codewords=4)
+    client.create_index("runs", dim=DIM, num_codewords=4)
+
+    with pytest.raises(SamplerError) as raised:
+        client.create_index(name, dim=DIM)
+    with pytest.raises(SamplerError):
+        client.delete_index(name)
+
+    assert raised.value.code == "invalid_argument"
+    assert sorted(info.name for info in client.list_indexes()) == ["runs", "y"]
