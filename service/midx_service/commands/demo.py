@@ -30,8 +30,8 @@ INDEX_NAME_PREFIX = "demo-glove-"
 
 # Budgets, sized so that all four samplers finish within the stated time on 2 CPU cores. The full
 # softmax run takes most of it; docs/benchmarks.md has the measured times.
-FULL_BUDGET = TrainingConfig(steps=200, batch_size=256, eval_every=50, eval_tokens=1024)
-QUICK_BUDGET = TrainingConfig(steps=60, batch_size=128, eval_every=20, eval_tokens=512)
+FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
+QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
