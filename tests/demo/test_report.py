@@ -26,6 +26,7 @@ CONTEXT = RunContext(
     unigram_weights="Zipf weights",
     midx_index="K = 64 residual quantisation",
     machine="2 CPU cores",
+    total_seconds=30.0,
 )
 
 
@@ -68,6 +69,7 @@ def test_markdown_lists_every_sampler() -> None:
     assert "| full | 300.0 | 1.00 | 20.0 | 2.000 | 1.000 | 0% |" in text
     assert "| midx-rq | 350.0 | 1.17 | 2.0 | 0.200 | 0.100 | 50% |" in text
     assert "![held-out perplexity against training time](demo.png)" in text
+    assert "the evaluations, took 30 s." in text
 
 
 def test_table_compares_step_time_with_full() -> None:

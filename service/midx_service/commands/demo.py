@@ -177,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
     except SamplerError as error:
         print(f"midx-sampler demo: a call to the service failed: {error}", file=sys.stderr)
         return 1
-    logger.info("main job finished in %.0f s", time.perf_counter() - started)
 
     context = RunContext(
         command=_command_line(),
@@ -188,9 +187,11 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=evaluator.num_tokens,
         unigram_weights=_describe_weights(args.unigram_weights),
         midx_index=f"K = {args.num_codewords} residual quantisation with the {args.midx_last_stage} last stage",
+        total_seconds=time.perf_counter() - started,
         machine=f"{os.cpu_count()} CPU cores ({platform.machine()}, 1-minute load average {load_average:.1f} "
         f"at the start), torch {torch.__version__}",
     )
+    logger.info("main job finished in %.0f s", context.total_seconds)
     markdown_path, plot_path = _output_paths(args)
     if plot_path is not None:
         write_plot(results, plot_path)

@@ -27,6 +27,7 @@ class RunContext:
     unigram_weights: str
     midx_index: str
     machine: str
+    total_seconds: float
 
 
 def results_json(results: Sequence[RunResult], config: TrainingConfig, context: RunContext) -> dict[str, Any]:
@@ -98,7 +99,8 @@ def render_markdown(
         f"softmax over all {context.num_classes:,} classes on {context.eval_tokens:,} held-out words "
         f"({initial_perplexity:,.0f} before training). Seconds count training steps only, not the held-out "
         f"evaluations or the table upload; service is the share of them spent waiting for sample and "
-        f"row-update calls.",
+        f"row-update calls. The whole job, with the corpus, the uploads and the evaluations, took "
+        f"{context.total_seconds:.0f} s.",
         "",
         f"The unigram sampler draws by {context.unigram_weights}; midx-rq is {context.midx_index}.",
         "",
@@ -156,7 +158,7 @@ def write_plot(results: Sequence[RunResult], path: Path) -> None:
     axes.set_yscale("log")
     axes.set_xlabel("training time (s, log scale)")
     axes.set_ylabel("held-out perplexity (full softmax, log scale)")
-    axes.set_title("Next-word model on standard-library text, 400k-word GloVe output layer")
+    axes.set_title("Next-word model with a GloVe output layer")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
