@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/midx-sampler demo
 
 bench: $(STAMP)
-	$(BIN)/midx-sampler bench
+	$(BIN)/midx-sampler bench --markdown docs/benchmarks.md
 
 # A 5-minute load test against a server on loopback; the report goes to out/loadtest.
 loadtest: $(STAMP)

@@ -8,7 +8,9 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -235,17 +237,17 @@ class RestSamplerClient:
         metric: str = "dot",
     ) -> IndexInfo:
         config = _requests.index_config(dim, num_codewords, quantizer, last_stage, metric)
-        return info_from_json(self._request("PUT", f"/v1/indexes/{name}", json=config))
+        return info_from_json(self._request("PUT", f"/v1/indexes/{_quote(name)}", json=config))
 
     def get_index(self, name: str) -> IndexInfo:
-        return info_from_json(self._request("GET", f"/v1/indexes/{name}", idempotent=True))
+        return info_from_json(self._request("GET", f"/v1/indexes/{_quote(name)}", idempotent=True))
 
     def list_indexes(self) -> list[IndexInfo]:
         body = self._request("GET", "/v1/indexes", idempotent=True)
         return [info_from_json(info) for info in body["indexes"]]
 
     def delete_index(self, name: str) -> None:
-        self._request("DELETE", f"/v1/indexes/{name}")
+        self._request("DELETE", f"/v1/indexes/{_quote(name)}")
 
     def upload_embeddings(
         self, name: str, embeddings: Any, weights: Any | None = None, *, progress: bool = False
@@ -254,13 +256,13 @@ class RestSamplerClient:
         body, content_type, _ = _table_body(embeddings, weights)
         headers = {"content-type": content_type, "content-digest": _content_digest(body)}
         response = self._request(
-            "PUT", f"/v1/indexes/{name}/embeddings", content=_body_chunks(body, progress), headers=headers
+            "PUT", f"/v1/indexes/{_quote(name)}/embeddings", content=_body_chunks(body, progress), headers=headers
         )
         return int(response["version"])
 
     def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         request = _update_request(self.binary, ids, embeddings, weights)
-        return int(self._request("PATCH", f"/v1/indexes/{name}/embeddings", **request)["version"])
+        return int(self._request("PATCH", f"/v1/indexes/{_quote(name)}/embeddings", **request)["version"])
 
     def sample(
         self,
@@ -278,7 +280,7 @@ class RestSamplerClient:
         request, (rows, num_positives) = _sample_request(
             self.binary, queries, num_samples, positives, exclude_positives, sampler, seed, min_version
         )
-        response = self._send("POST", f"/v1/indexes/{name}/sample", idempotent=True, **request)
+        response = self._send("POST", f"/v1/indexes/{_quote(name)}/sample", idempotent=True, **request)
         return _sample_result(response, rows, int(num_samples), num_positives, output)
 
     def log_prob(
@@ -292,12 +294,12 @@ class RestSamplerClient:
         output: Output = "numpy",
     ) -> LogProbResult:
         request, (rows, num_ids) = _log_prob_request(self.binary, queries, ids, sampler, min_version)
-        response = self._send("POST", f"/v1/indexes/{name}/log-prob", idempotent=True, **request)
+        response = self._send("POST", f"/v1/indexes/{_quote(name)}/log-prob", idempotent=True, **request)
         return _log_prob_result(response, rows, num_ids, output)
 
     def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
         content = _json_content(_requests.rebuild_body(mode, queries))
-        response = self._request("POST", f"/v1/indexes/{name}/rebuild", content=content, headers=_JSON_HEADERS)
+        response = self._request("POST", f"/v1/indexes/{_quote(name)}/rebuild", content=content, headers=_JSON_HEADERS)
         return int(response["version"])
 
     def close(self) -> None:
@@ -360,17 +362,17 @@ class AsyncRestSamplerClient:
         metric: str = "dot",
     ) -> IndexInfo:
         config = _requests.index_config(dim, num_codewords, quantizer, last_stage, metric)
-        return info_from_json(await self._request("PUT", f"/v1/indexes/{name}", json=config))
+        return info_from_json(await self._request("PUT", f"/v1/indexes/{_quote(name)}", json=config))
 
     async def get_index(self, name: str) -> IndexInfo:
-        return info_from_json(await self._request("GET", f"/v1/indexes/{name}", idempotent=True))
+        return info_from_json(await self._request("GET", f"/v1/indexes/{_quote(name)}", idempotent=True))
 
     async def list_indexes(self) -> list[IndexInfo]:
         body = await self._request("GET", "/v1/indexes", idempotent=True)
         return [info_from_json(info) for info in body["indexes"]]
 
     async def delete_index(self, name: str) -> None:
-        await self._request("DELETE", f"/v1/indexes/{name}")
+        await self._request("DELETE", f"/v1/indexes/{_quote(name)}")
 
     async def upload_embeddings(
         self, name: str, embeddings: Any, weights: Any | None = None, *, progress: bool = False
@@ -379,7 +381,7 @@ class AsyncRestSamplerClient:
         headers = {"content-type": content_type, "content-digest": _content_digest(body)}
         response = await self._request(
             "PUT",
-            f"/v1/indexes/{name}/embeddings",
+            f"/v1/indexes/{_quote(name)}/embeddings",
             content=_async_body_chunks(body, progress),
             headers=headers,
         )
@@ -387,7 +389,7 @@ class AsyncRestSamplerClient:
 
     async def update_embeddings(self, name: str, ids: Any, embeddings: Any, weights: Any | None = None) -> int:
         request = _update_request(self.binary, ids, embeddings, weights)
-        return int((await self._request("PATCH", f"/v1/indexes/{name}/embeddings", **request))["version"])
+        return int((await self._request("PATCH", f"/v1/indexes/{_quote(name)}/embeddings", **request))["version"])
 
     async def sample(
         self,
@@ -405,7 +407,7 @@ class AsyncRestSamplerClient:
         request, (rows, num_positives) = _sample_request(
             self.binary, queries, num_samples, positives, exclude_positives, sampler, seed, min_version
         )
-        response = await self._send("POST", f"/v1/indexes/{name}/sample", idempotent=True, **request)
+        response = await self._send("POST", f"/v1/indexes/{_quote(name)}/sample", idempotent=True, **request)
         return _sample_result(response, rows, int(num_samples), num_positives, output)
 
     async def log_prob(
@@ -419,12 +421,12 @@ class AsyncRestSamplerClient:
         output: Output = "numpy",
     ) -> LogProbResult:
         request, (rows, num_ids) = _log_prob_request(self.binary, queries, ids, sampler, min_version)
-        response = await self._send("POST", f"/v1/indexes/{name}/log-prob", idempotent=True, **request)
+        response = await self._send("POST", f"/v1/indexes/{_quote(name)}/log-prob", idempotent=True, **request)
         return _log_prob_result(response, rows, num_ids, output)
 
     async def rebuild(self, name: str, *, mode: str = "kmeans", queries: Any | None = None) -> int:
         content = _json_content(_requests.rebuild_body(mode, queries))
-        path = f"/v1/indexes/{name}/rebuild"
+        path = f"/v1/indexes/{_quote(name)}/rebuild"
         response = await self._request("POST", path, content=content, headers=_JSON_HEADERS)
         return int(response["version"])
 
@@ -436,3 +438,20 @@ class AsyncRestSamplerClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _quote(name: str) -> str:
+    """Check an index name as the server does and percent-encode it for a URL path.
+
+    A '/', '?' or '#' in a name would otherwise change the route and reach another index.
+    """
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise SamplerError(
+            "invalid_argument",
+            f"index name {name!r} is invalid; use 1 to 128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit",
+        )
+    return urllib.parse.quote(name, safe="")

@@ -52,6 +52,10 @@ def from_tensor(dtype: str, shape: list[int], data: bytes, name: str, allowed: d
 
 def load_npy(body: bytes, name: str) -> np.ndarray:
     """Return the array of a .npy body (pickled objects are refused)."""
+    if not body.startswith(b"\x93NUMPY"):
+        raise InvalidArgumentError(
+            f"the {name} body is not a .npy file: it lacks the NumPy magic bytes; save the array with numpy.save"
+        )
     try:
         return np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -60,6 +64,10 @@ def load_npy(body: bytes, name: str) -> np.ndarray:
 
 def load_npz(body: bytes, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Return the arrays of a .npz body, which must contain `required` and nothing beyond `allowed`."""
+    if not body.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise InvalidArgumentError(
+            "the body is not a .npz file: it is not a zip archive; save the arrays with numpy.savez"
+        )
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

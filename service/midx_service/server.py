@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterator
 
@@ -99,18 +100,29 @@ class SamplerServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                # gRPC sets SO_REUSEPORT by default, which lets a second server bind the same port and
+                # silently take half the connections; a busy port must fail instead.
+                ("grpc.so_reuseport", 0),
             ],
         )
         _pb_grpc.add_SamplerServicer_to_server(SamplerServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{_bracket(settings.host)}:{settings.grpc_port}"
+        credentials = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             credentials = grpc.ssl_server_credentials(
                 [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
             )
-            self.grpc_port = server.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                self.grpc_port = server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise OSError(
+                f"cannot listen for gRPC on {address}: {error}; the port is probably in use, pick another "
+                "with --grpc-port (MIDX_GRPC_PORT)"
+            ) from None
         await server.start()
         self._grpc = server
         for service in ("", SERVICE_NAME):
@@ -128,9 +140,10 @@ class SamplerServer:
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
         )
+        listener = _bind_listener(settings.host, settings.http_port)
         server = _EmbeddedUvicorn(config)
         self._uvicorn = server
-        self._uvicorn_task = asyncio.create_task(server.serve(), name="uvicorn")
+        self._uvicorn_task = asyncio.create_task(server.serve(sockets=[listener]), name="uvicorn")
         deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
         while not server.started:
             if self._uvicorn_task.done():
@@ -159,6 +172,27 @@ class SamplerServer:
         await self.monitor.close()
         await self.registry.close()
         logger.info("stopped in %.2f s", time.perf_counter() - started)
+
+
+def _bind_listener(host: str, port: int) -> socket.socket:
+    """Bind the REST socket here, so a busy port raises a clear OSError before anything starts.
+
+    uvicorn, left to bind it, exits the whole process from inside its task instead.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(
+            f"cannot listen for REST on {host}:{port}: {error.strerror}; pick another port with --http-port "
+            "(MIDX_HTTP_PORT)"
+        ) from None
+    listener.listen(2048)
+    listener.setblocking(False)
+    return listener
 
 
 def _bracket(host: str) -> str:

@@ -25,6 +25,7 @@ from midx_client import (
 )
 from midx_client._convert import info_from_json
 from midx_service.core import IndexConfig, MidxIndex
+from midx_service.data.glove import load_glove
 from tests.conftest import LEARNABLE_CODEWORDS, LEARNABLE_DIM, learnable_queries, learnable_table
 
 DIM = 8
@@ -399,13 +400,30 @@ def _wait_for_quality(client: Any, name: str, version: int, timeout: float = 30.
 
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["grpc", "rest"], indirect=True)  # both REST forms upload the same body
-def test_glove_sized_table_uploads(client: Any) -> None:
-    table = np.random.default_rng(7).standard_normal((400_000, 50)).astype(np.float32)
+def test_glove_table_uploads(client: Any) -> None:
+    table, _ = load_glove()
     client.create_index("glove", 50)
 
     version = client.upload_embeddings("glove", table)
     info = client.get_index("glove")
+    result = client.sample("glove", table[:3], 5, positives=np.arange(3)[:, None], seed=1)
 
     assert version == 1
     assert info.num_classes == 400_000
     assert info.status == "ready"
+    assert result.ids.shape == (3, 5)
+    assert np.isfinite(result.positive_log_q).all()
+
+
+@pytest.mark.parametrize("name", ["runs?v=2", "model#3", "x/../y", "a/b"])
+def test_reserved_characters_never_reach_another_index(client: Any, table: np.ndarray, name: str) -> None:
+    client.create_index("y", dim=DIM, num_codewords=4)
+    client.create_index("runs", dim=DIM, num_codewords=4)
+
+    with pytest.raises(SamplerError) as raised:
+        client.create_index(name, dim=DIM)
+    with pytest.raises(SamplerError):
+        client.delete_index(name)
+
+    assert raised.value.code == "invalid_argument"
+    assert sorted(info.name for info in client.list_indexes()) == ["runs", "y"]

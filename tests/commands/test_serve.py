@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,3 +145,46 @@ def test_invalid_settings_name_the_setting(overrides: dict[str, object], named: 
         load_settings(**overrides)
 
     assert named in str(failure.value)
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    return holder, holder.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flag", "transport"), [("--http-port", "REST"), ("--grpc-port", "gRPC")])
+def test_busy_port_stops_start_with_message(flag: str, transport: str) -> None:
+    holder, port = _busy_port()
+    try:
+        arguments = ["--http-port", "0", "--grpc-port", "0", "--device", "cpu", flag, str(port)]
+        process = subprocess.run(
+            [sys.executable, "-m", "midx_service.cli", "serve", *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+
+    assert process.returncode == 1
+    assert f"cannot listen for {transport}" in process.stderr
+    assert f"{flag}" in process.stderr
+    assert "Traceback" not in process.stderr
+
+
+@pytest.mark.slow
+def test_second_server_cannot_share_grpc_port(served: subprocess.Popen[str]) -> None:
+    _, grpc_port, _ = _wait_for_ports(served)
+
+    second = subprocess.run(
+        [sys.executable, "-m", "midx_service.cli", "serve", "--http-port", "0", "--grpc-port", str(grpc_port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert second.returncode == 1
+    assert "cannot listen for gRPC" in second.stderr

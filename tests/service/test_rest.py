@@ -854,3 +854,15 @@ def test_token_is_required_except_on_health(start_server: Any) -> None:
         assert right.status_code == 200
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").status_code == 200
+
+
+def test_upload_of_non_numpy_body_names_the_format(server: Any) -> None:
+    with httpx.Client(base_url=server.http_url, timeout=30) as http:
+        http.put("/v1/indexes/plain", json={"dim": 4, "num_codewords": 2})
+        response = http.put(
+            "/v1/indexes/plain/embeddings", content=b"hello", headers={"Content-Type": "application/x-npy"}
+        )
+
+    assert response.status_code == 400
+    assert "not a .npy file" in response.json()["error"]["message"]
+    assert "pickle" not in response.json()["error"]["message"]

@@ -45,7 +45,7 @@ class BenchPlan:
 
     @classmethod
     def quick(cls) -> BenchPlan:
-        return cls((32, 64), (40_000, 400_000, 4_000_000), 256, 5, 1, (64,), 30.0)
+        return cls((32, 64), (40_000, 400_000, 4_000_000), 256, 5, 1, (64,), 60.0)
 
 
 def run_benchmark(
