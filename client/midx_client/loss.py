@@ -96,7 +96,9 @@ def sampled_softmax_loss_from_logits(
     same way with `sample.positive_log_q`, as the MIDX authors train; without it the positive keeps
     o_y, the classic sampled softmax, whose value tends to the full softmax cross-entropy as M grows.
     With the corrected positive the value does not estimate the cross-entropy (it is log(M + 1) for
-    every query when Q equals the softmax), but the gradient does.
+    every query when Q equals the softmax), but the gradient does. That holds exactly in the limit
+    without accidental-hit masking; with masking, the gradient lacks the positive's own softmax
+    term P(y|z), which is small when the softmax is spread over many classes.
 
     A positive whose log Q is -inf (a class the proposal never draws, for example one of weight 0)
     cannot be corrected: its term uses the uncorrected logit o_y instead of producing NaN.
