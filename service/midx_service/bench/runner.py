@@ -29,7 +29,7 @@ TARGET_CODEWORDS = 64
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """What one run measures; `quick` trades repeats and coverage for a run under two minutes."""
+    """The figures one run measures; `quick` trades repeats and coverage for a run of a few minutes."""
 
     codewords: tuple[int, ...]
     scaling_sizes: tuple[int, ...]
@@ -133,7 +133,7 @@ def run_benchmark(
 
 
 def check_targets(result: dict[str, Any]) -> dict[str, Any]:
-    """Compare the measured figures with the performance targets; each entry says value, target, met."""
+    """Compare the measured figures with the performance targets; each entry gives value, target and met."""
 
     def qps(sampler: str, num_codewords: int | None) -> float:
         for entry in result["throughput"]:

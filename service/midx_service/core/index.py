@@ -1,7 +1,7 @@
 """The MIDX index: an immutable snapshot of one class table with its codebooks, codes and cells.
 
 Every mutation (row update, codebook refit) returns a new `MidxIndex` and leaves the old one intact,
-so a reader holding a snapshot always sees one consistent version.
+so a reader holding a snapshot always reads one consistent version.
 """
 
 from __future__ import annotations

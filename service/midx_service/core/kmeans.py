@@ -37,7 +37,7 @@ def kmeans(
     """Fit `num_centroids` centroids to the (n, d) float32 points and return them as (K, d).
 
     Starts from `init` when given (a warm start), else from k-means++ seeding. Empty clusters are
-    re-seeded with the points farthest from their centroid, so the result never holds NaN, also when
+    re-seeded with the points farthest from their centroid, so the result never contains NaN, also when
     K > n or all points are equal. Points are rescaled to a unit maximum during the fit so rows of
     large norm cannot overflow float32.
     """

@@ -34,7 +34,7 @@ _QUERY_CHUNK = 64
 
 @dataclass(frozen=True)
 class KlFitReport:
-    """What a learned refit did: held-out KL before and after, and whether the result was kept."""
+    """Outcome of a learned refit: held-out KL before and after, and whether the result was kept."""
 
     heldout_kl_before: float
     heldout_kl_after: float

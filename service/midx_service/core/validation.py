@@ -17,7 +17,7 @@ def as_float_matrix(value: ArrayLike, name: str, dim: int, device: torch.device)
     """Return `value` as a contiguous (B, dim) float32 tensor on `device`.
 
     Raises InvalidArgumentError when it is not 2-D, has another column count, is not numeric, or
-    holds NaN or Inf (naming the first offending row).
+    contains NaN or Inf (naming the first offending row).
     """
     tensor = _as_tensor(value, name)
     if tensor.dtype == torch.bool or tensor.is_complex():
