@@ -156,8 +156,12 @@ def code_marginals(index: MidxIndex, queries: torch.Tensor, codes: torch.Tensor)
     if index.config.last_stage == "popularity" and index.weights is not None:
         log_weight = torch.where(index.weights > 0, index.weights.log(), 0.0)
     for chunk in queries.split(_QUERY_CHUNK):
-        log_p = torch.log_softmax((chunk @ index.embeddings.T).double(), dim=1)
-        p = log_p.exp()
+        logits = (chunk @ index.embeddings.T).double()
+        shift = logits.amax(dim=1, keepdim=True)
+        # One (rows, N) buffer for P, filled in place: this pass over all classes dominates a refit.
+        p = (logits - shift).exp_()
+        total = p.sum(dim=1, keepdim=True)
+        p /= total
         rows = chunk.shape[0]
         first.append(
             torch.zeros(rows, num_codewords, dtype=torch.float64, device=p.device).index_add_(1, codes[:, 0], p)
@@ -165,9 +169,10 @@ def code_marginals(index: MidxIndex, queries: torch.Tensor, codes: torch.Tensor)
         second.append(
             torch.zeros(rows, num_codewords, dtype=torch.float64, device=p.device).index_add_(1, codes[:, 1], p)
         )
-        entropy_term = torch.where(p > 0, p * log_p, 0.0).sum(dim=1)
+        # sum_i P_i log P_i with log P_i = logit_i - shift - log total, and sum_i P_i = 1.
+        entropy_term = torch.einsum("rn,rn->r", p, logits) - (shift + total.log()).squeeze(1)
         if log_weight is not None:
-            entropy_term = entropy_term - (p * log_weight).sum(dim=1)
+            entropy_term = entropy_term - p @ log_weight
         constant.append(entropy_term)
     return _Targets(torch.cat(first), torch.cat(second), torch.cat(constant))
 
