@@ -25,12 +25,12 @@ def test_demo_runs_every_sampler_through_service(tmp_path: Path, capsys: pytest.
     markdown.write_text("# Benchmarks\n\n<!-- core-benchmark:start -->\ncore\n<!-- core-benchmark:end -->\n")
     plot = tmp_path / "demo.png"
 
-    code = main(["demo", *TINY, "--json", "--markdown", str(markdown), "--plot", str(plot)])
+    code = main(["demo", *TINY, "--kl-refit-every", "2", "--json", "--markdown", str(markdown), "--plot", str(plot)])
 
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
     results = payload["results"]
-    assert [result["sampler"] for result in results] == ["full", "uniform", "unigram", "midx-rq"]
+    assert [result["sampler"] for result in results] == ["full", "uniform", "unigram", "midx-rq", "midx-rq-kl"]
     for result in results:
         assert math.isfinite(result["perplexity"])
         assert result["perplexity"] > 1.0
@@ -39,11 +39,18 @@ def test_demo_runs_every_sampler_through_service(tmp_path: Path, capsys: pytest.
         assert [point["step"] for point in result["curve"]] == [0, 2, 4]
     assert payload["context"]["transport"] == "gRPC to a local service"
     assert all(result["service_share"] > 0.0 for result in results[1:])
+    # The service learned codebooks once, after step 2 of 4, from the queries it served.
+    assert [refit["step"] for refit in results[4]["refits"]] == [2]
+    refit = results[4]["refits"][0]
+    assert refit["heldout_kl_after"] <= refit["heldout_kl_before"]
+    assert all(result["refits"] == [] for result in results[:4])
     text = markdown.read_text()
     assert "core\n<!-- core-benchmark:end -->" in text
     assert START_MARKER in text
     assert END_MARKER in text
     assert "| midx-rq |" in text
+    assert "| midx-rq-kl |" in text
+    assert "had the service learn its codebooks by KL after steps 2" in text
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -59,6 +66,8 @@ def test_demo_uses_running_service_over_rest(
             *TINY,
             "--samplers",
             "midx-rq",
+            "--seeds",
+            "3,5",
             "--url",
             server.http_url,
             "--token",
@@ -70,7 +79,8 @@ def test_demo_uses_running_service_over_rest(
 
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
-    assert [result["sampler"] for result in payload["results"]] == ["midx-rq"]
+    assert [(result["sampler"], result["seed"]) for result in payload["results"]] == [("midx-rq", 3), ("midx-rq", 5)]
+    assert payload["summary"][0]["runs"] == 2
     assert payload["context"]["transport"].startswith("REST to http://127.0.0.1:")
     assert server.server.registry.states() == []
 
@@ -80,6 +90,23 @@ def test_demo_rejects_unknown_sampler(capsys: pytest.CaptureFixture[str]) -> Non
 
     assert code == 2
     assert "--samplers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
+        (["--seeds", "1,1"], "--seeds takes one or more distinct integers"),
+        (["--seeds", "0,1", "--seed", "2"], "--seed and --seeds are mutually exclusive"),
+        (["--kl-refit-every", "0"], "--kl-refit-every must be at least 1, got 0"),
+        (["--kl-refit-seconds", "0"], "--kl-refit-seconds must be above 0, got 0.0"),
+    ],
+)
+def test_demo_rejects_bad_budget(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", *arguments, "--no-write"])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_demo_rejects_zero_steps(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from midx_service.demo.report import (
     END_MARKER,
     START_MARKER,
@@ -12,9 +14,11 @@ from midx_service.demo.report import (
     render_markdown,
     replace_section,
     results_json,
+    summarise,
     write_plot,
 )
-from midx_service.demo.training import CurvePoint, RunResult, TrainingConfig
+from midx_service.demo.sources import KlRefit
+from midx_service.demo.training import CurvePoint, RefitPoint, RunResult, TrainingConfig
 
 CONTEXT = RunContext(
     command="midx-sampler demo",
@@ -35,6 +39,21 @@ def _results() -> list[RunResult]:
     midx = RunResult("midx-rq", steps=10, seconds=2.0, service_seconds=1.0, setup_seconds=3.0)
     midx.curve = [CurvePoint(0, 0.0, 4000.0), CurvePoint(10, 2.0, 350.0)]
     return [full, midx]
+
+
+def _seeded_results() -> list[RunResult]:
+    """midx-rq and midx-rq-kl over seeds 0 and 1, the KL runs with one learned refit at step 5."""
+    results = []
+    for seed, (kmeans, learned) in enumerate([(360.0, 350.0), (380.0, 354.0)]):
+        midx = RunResult("midx-rq", steps=10, seconds=2.0 + seed, service_seconds=1.0, setup_seconds=3.0, seed=seed)
+        midx.curve = [CurvePoint(0, 0.0, 4000.0), CurvePoint(5, 1.0, 500.0), CurvePoint(10, 2.0 + seed, kmeans)]
+        kl = RunResult("midx-rq-kl", steps=10, seconds=6.0, service_seconds=5.0, setup_seconds=3.0, seed=seed)
+        kl.curve = [CurvePoint(0, 0.0, 4000.0), CurvePoint(5, 5.0, 480.0), CurvePoint(10, 6.0, learned)]
+        kl.refits = [
+            RefitPoint(5, KlRefit(7, accepted=True, seconds=4.0, heldout_kl_before=2.0 + seed, heldout_kl_after=1.0))
+        ]
+        results += [midx, kl]
+    return results
 
 
 def test_replace_section_keeps_other_sections(tmp_path: Path) -> None:
@@ -63,7 +82,7 @@ def test_replace_section_creates_missing_file(tmp_path: Path) -> None:
 
 
 def test_markdown_lists_every_sampler() -> None:
-    text = render_markdown(_results(), TrainingConfig(steps=10), CONTEXT, 4000.0, "demo.png")
+    text = render_markdown(_results(), TrainingConfig(steps=10), CONTEXT, "demo.png")
 
     assert "| full | 300.0 | 1.00 | 20.0 | 2.000 | 1.000 | 0% |" in text
     assert "| midx-rq | 350.0 | 1.17 | 2.0 | 0.200 | 0.100 | 50% |" in text
@@ -72,7 +91,7 @@ def test_markdown_lists_every_sampler() -> None:
 
 
 def test_table_compares_step_time_with_full() -> None:
-    table = format_table(_results(), 4000.0)
+    table = format_table(_results())
 
     assert "0.100x" in table
     assert "held-out perplexity before training: 4000" in table
@@ -89,9 +108,62 @@ def test_json_has_required_fields() -> None:
     assert payload["config"]["steps"] == 10
 
 
+def test_summary_gives_mean_and_sample_std() -> None:
+    summaries = summarise(_seeded_results())
+
+    assert [summary.sampler for summary in summaries] == ["midx-rq", "midx-rq-kl"]
+    kmeans, learned = summaries
+    assert kmeans.perplexity == pytest.approx(370.0)
+    # Two runs 20 apart: the sample standard deviation is 20 / sqrt(2).
+    assert kmeans.perplexity_std == pytest.approx(20.0 / 2**0.5)
+    assert kmeans.seconds == pytest.approx(2.5)
+    assert learned.refit_seconds == pytest.approx(4.0)
+    assert [point.perplexity for point in kmeans.mean_curve()] == [4000.0, 500.0, 370.0]
+    assert [point.seconds for point in kmeans.mean_curve()] == [0.0, 1.0, 2.5]
+
+
+def test_markdown_reports_seeds_and_refits() -> None:
+    text = render_markdown(_seeded_results(), TrainingConfig(steps=10), CONTEXT, None)
+
+    assert "once per seed (0, 1)" in text
+    assert "| midx-rq | 370.0 ± 14.1 |" in text
+    assert "| midx-rq-kl | 352.0 ± 2.8 |" in text
+    assert "| sampler | seed 0 | seed 1 |" in text
+    assert "| midx-rq-kl | 350.0 | 354.0 |" in text
+    assert "after steps 5" in text
+    assert "2 of 2 refits were accepted" in text
+    assert "2.50 to 1.00 at step 5" in text
+
+
+def test_json_lists_runs_refits_and_summary() -> None:
+    payload = results_json(_seeded_results(), TrainingConfig(steps=10), CONTEXT)
+
+    assert [(run["sampler"], run["seed"]) for run in payload["results"]] == [
+        ("midx-rq", 0),
+        ("midx-rq-kl", 0),
+        ("midx-rq", 1),
+        ("midx-rq-kl", 1),
+    ]
+    assert payload["results"][1]["refits"] == [
+        {"step": 5, "accepted": True, "seconds": 4.0, "heldout_kl_before": 2.0, "heldout_kl_after": 1.0}
+    ]
+    assert payload["results"][0]["refits"] == []
+    summary = {entry["sampler"]: entry for entry in payload["summary"]}
+    assert summary["midx-rq-kl"]["runs"] == 2
+    assert summary["midx-rq-kl"]["perplexity"] == pytest.approx(352.0)
+    assert payload["config"]["seeds"] == [0, 1]
+
+
+def test_table_shows_spread_and_refits() -> None:
+    table = format_table(_seeded_results())
+
+    assert "370.0 ± 14.1" in table
+    assert "midx-rq-kl had the service learn its codebooks" in table
+
+
 def test_plot_is_png(tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
 
-    write_plot(_results(), path)
+    write_plot(_seeded_results(), path)
 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,7 +102,7 @@ def test_runs_start_from_same_model() -> None:
         torch.testing.assert_close(left, right)
 
 
-@pytest.mark.parametrize("sampler", ["full", "uniform", "unigram", "midx-rq"])
+@pytest.mark.parametrize("sampler", ["full", "uniform", "unigram", "midx-rq", "midx-rq-kl"])
 def test_run_lowers_perplexity(sampler: str) -> None:
     config = TrainingConfig(steps=30, batch_size=32, num_samples=20, eval_every=10, eval_tokens=64, hidden=16)
     trainer = _trainer(config)
@@ -134,6 +134,46 @@ def test_sampled_run_pushes_changed_rows() -> None:
     assert source.version == 3
     assert source.index is not None
     assert not np.allclose(source.index.embeddings.numpy(), trainer.glove)
+
+
+def test_kl_run_refits_codebooks() -> None:
+    config = TrainingConfig(steps=30, batch_size=32, num_samples=20, eval_every=30, eval_tokens=32, kl_refit_every=10)
+    trainer = _trainer(config)
+    source = InProcessNegativeSource(IndexConfig(dim=DIM, num_codewords=4), max_recent_queries=64)
+
+    result = trainer.run("midx-rq-kl", source, None)
+
+    # A refit after steps 10 and 20; none after the last step, where it could no longer help.
+    assert [point.step for point in result.refits] == [10, 20]
+    for point in result.refits:
+        assert point.outcome.heldout_kl_after <= point.outcome.heldout_kl_before
+    assert any(point.outcome.accepted for point in result.refits)
+    assert source.index is not None
+    assert source.index.codebook_fit == "kl"
+    assert 0.0 < result.refit_seconds < result.service_seconds
+
+
+def test_kmeans_run_never_refits() -> None:
+    config = TrainingConfig(steps=20, batch_size=8, num_samples=5, eval_every=20, eval_tokens=32, kl_refit_every=5)
+    trainer = _trainer(config)
+    source = InProcessNegativeSource(IndexConfig(dim=DIM, num_codewords=4))
+
+    result = trainer.run("midx-rq", source, None)
+
+    assert result.refits == []
+    assert source.index is not None
+    assert source.index.codebook_fit == "kmeans"
+
+
+def test_in_process_source_keeps_recent_queries() -> None:
+    source = InProcessNegativeSource(IndexConfig(dim=DIM, num_codewords=4), max_recent_queries=20)
+    source.upload(np.random.default_rng(0).standard_normal((NUM_CLASSES, DIM)).astype(np.float32), None)
+    batches = [torch.full((8, DIM), float(value)) for value in range(4)]
+
+    for batch in batches:
+        source.sample("midx", batch, torch.zeros(8, 1, dtype=torch.long), 3, min_version=0, seed=0)
+
+    torch.testing.assert_close(source.recent_queries(), torch.cat(batches)[-20:])
 
 
 def test_run_rejects_unknown_sampler() -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,17 +31,21 @@ from midx_service.demo.report import (
 )
 from midx_service.demo.training import SAMPLERS, Batches, Evaluator, RunResult, Trainer, TrainingConfig
 
+if TYPE_CHECKING:
+    from midx_service.data.corpus import Split
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MARKDOWN = Path("docs/benchmarks.md")
 DEFAULT_PLOT = Path("docs/demo-perplexity.png")
 INDEX_NAME_PREFIX = "demo-glove-"
 
-# The default budget is meant to finish all four samplers within 10 minutes on 2 CPU cores, and
+# The default budget is meant to finish all five samplers within 10 minutes on 2 CPU cores, and
 # --quick within 3. They took 4 to 5.5 minutes and about 1 minute on the 2-core development machine
 # (see docs/benchmarks.md); the full softmax run takes most of it.
 FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
-QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512)
+QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512, kl_refit_every=40)
+DEFAULT_KL_REFIT_SECONDS = 20.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--num-samples", type=int, default=None, help="negatives drawn per word (M)")
     budget.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
     budget.add_argument("--eval-tokens", type=int, default=None, help="held-out words per evaluation")
-    budget.add_argument("--seed", type=int, default=None, help="seed of the data order, model and draws")
+    budget.add_argument("--seed", type=int, default=None, help="seed of the data order, model and draws (default 0)")
+    budget.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds: train every sampler once per seed and report the mean perplexity and its "
+        "standard deviation (the held-out words stay those of the first seed)",
+    )
     budget.add_argument(
         "--uncorrected-positive",
         action="store_true",
@@ -110,6 +120,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("uniform", "popularity"),
         default="uniform",
         help="how midx-rq draws inside a cell: uniformly, or by the unigram sampler's distribution (default uniform)",
+    )
+    sampler.add_argument(
+        "--kl-refit-every",
+        type=int,
+        default=None,
+        help=f"steps between the learned (KL) refits of midx-rq-kl (default {FULL_BUDGET.kl_refit_every}, "
+        f"{QUICK_BUDGET.kl_refit_every} with --quick)",
+    )
+    sampler.add_argument(
+        "--kl-refit-seconds",
+        type=float,
+        default=DEFAULT_KL_REFIT_SECONDS,
+        help="time budget of one learned refit on the service the job starts (default "
+        f"{DEFAULT_KL_REFIT_SECONDS:g}); with --url the server's MIDX_KL_REFIT_TIME_BUDGET_SECONDS applies",
     )
     sampler.add_argument(
         "--unigram-weights",
@@ -145,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = _training_config(args)
         samplers = _samplers(args.samplers)
+        seeds = _seeds(args, config)
+        config = replace(config, seed=seeds[0])
     except ValueError as error:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 2
@@ -159,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                 "(pip install 'midx-sampler[data]') or pass --no-write"
             )
         job = _prepare_job(args, config)
-        results, transport = _run_samplers(args, job, samplers)
+        results, transport = _run_samplers(args, job, samplers, seeds)
     except MissingDataError as error:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 1
@@ -171,36 +197,50 @@ def run(args: argparse.Namespace) -> int:
         command=_command_line(),
         transport=transport,
         num_classes=job.num_classes,
-        num_train_tokens=job.num_train_tokens,
-        eval_tokens=job.trainer.evaluator.num_tokens,
+        num_train_tokens=job.train.num_tokens,
+        eval_tokens=job.evaluator.num_tokens,
         unigram_weights=_describe_weights(args.unigram_weights),
-        midx_index=f"K = {args.num_codewords} residual quantisation with the {args.midx_last_stage} last stage",
+        midx_index=_describe_midx(args, config),
         machine=f"{os.cpu_count()} CPU cores ({platform.machine()}, 1-minute load average {load_average:.1f} "
         f"at the start), torch {torch.__version__}",
         total_seconds=time.perf_counter() - started,
     )
     logger.info("main job finished in %.0f s", context.total_seconds)
-    _write_outputs(results, config, context, job.trainer.initial_perplexity, markdown_path, plot_path)
+    _write_outputs(results, config, context, markdown_path, plot_path)
     if args.json:
         json.dump(results_json(results, config, context), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_table(results, job.trainer.initial_perplexity))
+        sys.stdout.write(format_table(results))
     return 0
 
 
 @dataclass(frozen=True)
 class _Job:
-    """The trainer with its data, and the (N,) unigram weights of the output classes."""
+    """The output table, the training text, the held-out evaluator and the (N,) unigram weights."""
 
-    trainer: Trainer
-    num_classes: int
-    num_train_tokens: int
+    config: TrainingConfig
+    glove: np.ndarray
+    train: Split
+    evaluator: Evaluator
     unigram_weights: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.glove.shape[0])
+
+    def trainer(self, seed: int) -> Trainer:
+        """Return the trainer of one seed: its own batch schedule and starting model, the shared evaluator."""
+        config = replace(self.config, seed=seed)
+        batches = Batches(self.train, config.context, config.batch_size, config.steps, seed)
+        trainer = Trainer(config, self.glove, batches, self.evaluator, initial_perplexity=float("nan"))
+        trainer.initial_perplexity = self.evaluator.perplexity(trainer.new_model(), torch.from_numpy(self.glove))
+        logger.info("seed %d: held-out perplexity before training: %.0f", seed, trainer.initial_perplexity)
+        return trainer
 
 
 def _prepare_job(args: argparse.Namespace, config: TrainingConfig) -> _Job:
-    """Load the table and the text, and evaluate the shared starting model."""
+    """Load the table and the text, and pick the held-out words."""
     from midx_service.data.corpus import load_corpus
     from midx_service.data.glove import load_glove
 
@@ -211,34 +251,36 @@ def _prepare_job(args: argparse.Namespace, config: TrainingConfig) -> _Job:
     train = corpus.train.restricted(num_classes)
     heldout = corpus.heldout.restricted(num_classes)
 
-    batches = Batches(train, config.context, config.batch_size, config.steps, config.seed)
+    # The held-out words are the same for every seed, so the seeds' perplexities are comparable.
     evaluator = Evaluator(heldout, config.context, config.eval_tokens, config.seed + 1)
-    trainer = Trainer(config, glove, batches, evaluator, initial_perplexity=float("nan"))
-    trainer.initial_perplexity = evaluator.perplexity(trainer.new_model(), torch.from_numpy(glove))
-    logger.info("held-out perplexity before training: %.0f", trainer.initial_perplexity)
     weights = _unigram_weights(args.unigram_weights, num_classes, train.tokens)
-    return _Job(trainer, num_classes, train.num_tokens, weights)
+    return _Job(config, glove, train, evaluator, weights)
 
 
-def _run_samplers(args: argparse.Namespace, job: _Job, samplers: list[str]) -> tuple[list[RunResult], str]:
-    """Train under each sampler in turn; return the results and a description of the transport."""
-    trainer = job.trainer
-    config = trainer.config
+def _run_samplers(
+    args: argparse.Namespace, job: _Job, samplers: list[str], seeds: list[int]
+) -> tuple[list[RunResult], str]:
+    """Train under each sampler once per seed; return the results and a description of the transport."""
+    config = job.config
     index_config = IndexConfig(
-        dim=trainer.glove.shape[1], num_codewords=args.num_codewords, last_stage=args.midx_last_stage
+        dim=job.glove.shape[1], num_codewords=args.num_codewords, last_stage=args.midx_last_stage
     )
     results: list[RunResult] = []
     with _negative_source(args, index_config) as (source, transport):
-        for sampler in samplers:
-            logger.info("training with %s (%d steps of %d words)", sampler, config.steps, config.batch_size)
-            if sampler == "full":
-                results.append(trainer.run(sampler))
-                continue
-            weights = _weights_for(sampler, job.unigram_weights, index_config)
-            try:
-                results.append(trainer.run(sampler, source, weights))
-            finally:
-                source.close()
+        for seed in seeds:
+            trainer = job.trainer(seed)
+            for sampler in samplers:
+                logger.info(
+                    "training with %s, seed %d (%d steps of %d words)", sampler, seed, config.steps, config.batch_size
+                )
+                if sampler == "full":
+                    results.append(trainer.run(sampler))
+                    continue
+                weights = _weights_for(sampler, job.unigram_weights, index_config)
+                try:
+                    results.append(trainer.run(sampler, source, weights))
+                finally:
+                    source.close()
     return results, transport
 
 
@@ -246,7 +288,6 @@ def _write_outputs(
     results: list[RunResult],
     config: TrainingConfig,
     context: RunContext,
-    initial_perplexity: float,
     markdown_path: Path | None,
     plot_path: Path | None,
 ) -> None:
@@ -255,7 +296,7 @@ def _write_outputs(
         logger.info("wrote the plot to %s", plot_path)
     if markdown_path is not None:
         plot_name = None if plot_path is None else os.path.relpath(plot_path, markdown_path.parent)
-        replace_section(markdown_path, render_markdown(results, config, context, initial_perplexity, plot_name))
+        replace_section(markdown_path, render_markdown(results, config, context, plot_name))
         logger.info("wrote the results section of %s", markdown_path)
 
 
@@ -267,17 +308,35 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
         "num_samples": args.num_samples,
         "eval_every": args.eval_every,
         "eval_tokens": args.eval_tokens,
+        "kl_refit_every": args.kl_refit_every,
         "seed": args.seed,
     }
     config = replace(config, **{name: value for name, value in overrides.items() if value is not None})
     if args.uncorrected_positive:
         config = replace(config, correct_positive=False)
-    for name in ("steps", "batch_size", "num_samples", "eval_every", "eval_tokens"):
+    for name in ("steps", "batch_size", "num_samples", "eval_every", "eval_tokens", "kl_refit_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if args.num_classes is not None and args.num_classes < 2:
         raise ValueError(f"--num-classes must be at least 2, got {args.num_classes}")
+    if not args.kl_refit_seconds > 0:
+        raise ValueError(f"--kl-refit-seconds must be above 0, got {args.kl_refit_seconds}")
     return config
+
+
+def _seeds(args: argparse.Namespace, config: TrainingConfig) -> list[int]:
+    """Return the seeds to train with: --seeds, else the single seed of the budget (--seed)."""
+    if args.seeds is None:
+        return [config.seed]
+    if args.seed is not None:
+        raise ValueError("--seed and --seeds are mutually exclusive; pass only one of them")
+    try:
+        seeds = [int(part) for part in args.seeds.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds takes one or more distinct integers, got {args.seeds!r}")
+    return seeds
 
 
 def _samplers(text: str) -> list[str]:
@@ -301,9 +360,19 @@ def _weights_for(sampler: str, weights: np.ndarray, config: IndexConfig) -> np.n
     popularity last stage draws by the weights as they are. Raising them here makes midx-rq draw
     inside a cell by the same distribution that the unigram sampler draws from.
     """
-    if sampler == "midx-rq" and config.last_stage == "popularity":
+    if sampler.startswith("midx-rq") and config.last_stage == "popularity":
         return np.power(weights, config.unigram_alpha)
     return weights
+
+
+def _describe_midx(args: argparse.Namespace, config: TrainingConfig) -> str:
+    return (
+        f"K = {args.num_codewords} residual quantisation with the {args.midx_last_stage} last stage on the "
+        "k-means codebooks the service fits when the table is uploaded. midx-rq-kl is the same index, but "
+        f"every {config.kl_refit_every} steps the trainer has the service relearn its codebooks by KL "
+        f'(`rebuild(mode="kl")`, a time budget of {args.kl_refit_seconds:g} s per refit on the service the '
+        "job starts)"
+    )
 
 
 def _describe_weights(kind: str) -> str:
@@ -319,7 +388,8 @@ def _negative_source(args: argparse.Namespace, config: IndexConfig) -> Iterator[
 
     if args.in_process:
         logger.warning("--in-process: sampling without the service; these results do not measure the service")
-        yield InProcessNegativeSource(config), "no service (in-process fallback)"
+        source = InProcessNegativeSource(config, kl_refit_time_budget_seconds=args.kl_refit_seconds)
+        yield source, "no service (in-process fallback)"
         return
     token = args.token or os.environ.get("MIDX_API_TOKEN") or None
     index_name = args.index_name or INDEX_NAME_PREFIX + secrets.token_hex(4)
@@ -333,7 +403,7 @@ def _negative_source(args: argparse.Namespace, config: IndexConfig) -> Iterator[
 
     # The background service listens on loopback only; a fresh token still keeps other local users out.
     background_token = secrets.token_urlsafe(24)
-    with BackgroundServer(api_token=background_token) as server:
+    with BackgroundServer(api_token=background_token, kl_refit_time_budget_seconds=args.kl_refit_seconds) as server:
         url = server.http_url if args.transport == "rest" else server.grpc_target
         logger.info("started the service in the background: REST %s, gRPC %s", server.http_url, server.grpc_target)
         client, transport = _connect(url, background_token)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from midx_service.core import IndexConfig, MidxIndex
+from midx_service.core.learned import fit_kl_codebooks
 
 
 class Negatives(Protocol):
@@ -21,6 +24,22 @@ class Negatives(Protocol):
 
     @property
     def positive_log_q(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class KlRefit:
+    """Outcome of one learned (KL) refit of the index's codebooks.
+
+    version: the index version to sample from after it (unchanged when not accepted). seconds: the
+    refit's own wall time. heldout_kl_before / heldout_kl_after: mean KL(P || Q) in nats on the
+    refit's held-out queries under the old and the learned codebooks.
+    """
+
+    version: int
+    accepted: bool
+    seconds: float
+    heldout_kl_before: float
+    heldout_kl_after: float
 
 
 class NegativeSource(Protocol):
@@ -45,6 +64,10 @@ class NegativeSource(Protocol):
 
     def push_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
         """Replace the (U,) rows `ids` with the (U, D) `rows`; return the version that contains them."""
+        ...
+
+    def refit_kl(self) -> KlRefit:
+        """Learn codebooks on the queries recently sampled for, and swap them in if they lower the KL."""
         ...
 
     def close(self) -> None:
@@ -97,6 +120,14 @@ class ServiceNegativeSource:
     def push_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
         return int(self.client.update_embeddings(self.index_name, ids, rows))
 
+    def refit_kl(self) -> KlRefit:
+        # The server learns from its own record of the queries it served for this index.
+        version = int(self.client.rebuild(self.index_name, mode="kl"))
+        report = self.client.get_index(self.index_name).last_refit
+        if report is None or report.mode != "kl" or report.heldout_kl_before is None or report.heldout_kl_after is None:
+            raise RuntimeError(f"index {self.index_name!r} has no kl refit report after rebuild(mode='kl')")
+        return KlRefit(version, report.accepted, report.seconds, report.heldout_kl_before, report.heldout_kl_after)
+
     def close(self) -> None:
         if self.created:
             self.created = False
@@ -107,13 +138,19 @@ class InProcessNegativeSource:
     """Fallback that samples from a `MidxIndex` in the trainer's own process, without the service.
 
     It runs the same index code as the service, so it isolates the trainer from transport problems,
-    but it does not measure the service: results made with it are not the main job's results.
+    but it does not measure the service: results made with it are not the main job's results. Like
+    the service, it keeps the last `max_recent_queries` query rows for learned refits.
     """
 
-    def __init__(self, config: IndexConfig) -> None:
+    def __init__(
+        self, config: IndexConfig, *, max_recent_queries: int = 1024, kl_refit_time_budget_seconds: float = 60.0
+    ) -> None:
         self.config = config
         self.index: MidxIndex | None = None
         self.version = 0
+        self.max_recent_queries = max_recent_queries
+        self.kl_refit_time_budget_seconds = kl_refit_time_budget_seconds
+        self._recent: list[torch.Tensor] = []
 
     def upload(self, embeddings: np.ndarray, weights: np.ndarray | None) -> int:
         self.index = MidxIndex.build(self.config, embeddings, weights)
@@ -131,6 +168,9 @@ class InProcessNegativeSource:
         seed: int,
     ) -> Negatives:
         index = self._require_index()
+        self._recent.append(queries.detach().to(torch.float32).clone())
+        while sum(batch.shape[0] for batch in self._recent[1:]) >= self.max_recent_queries:
+            self._recent.pop(0)
         return index.sample(queries, num_samples, positives=positives, sampler=sampler, seed=seed)
 
     def push_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
@@ -138,8 +178,32 @@ class InProcessNegativeSource:
         self.version += 1
         return self.version
 
+    def refit_kl(self) -> KlRefit:
+        index = self._require_index()
+        started = time.perf_counter()
+        refitted, report = fit_kl_codebooks(
+            index, self.recent_queries(), time_budget_seconds=self.kl_refit_time_budget_seconds
+        )
+        if report.accepted:
+            self.index = refitted
+            self.version += 1
+        return KlRefit(
+            self.version,
+            report.accepted,
+            time.perf_counter() - started,
+            report.heldout_kl_before,
+            report.heldout_kl_after,
+        )
+
+    def recent_queries(self) -> torch.Tensor:
+        """Return the last `max_recent_queries` query rows sampled for, oldest first."""
+        if not self._recent:
+            return torch.empty(0, self.config.dim)
+        return torch.cat(self._recent)[-self.max_recent_queries :]
+
     def close(self) -> None:
         self.index = None
+        self._recent.clear()
 
     def _require_index(self) -> MidxIndex:
         if self.index is None:

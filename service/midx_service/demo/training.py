@@ -14,13 +14,16 @@ import torch.nn.functional as F
 from midx_client.loss import sampled_softmax_loss
 from midx_service.data.corpus import Split
 from midx_service.demo.model import NextWordModel, RowAdagrad
-from midx_service.demo.sources import NegativeSource
+from midx_service.demo.sources import KlRefit, NegativeSource
 
 logger = logging.getLogger(__name__)
 
-# The samplers the main job compares, and the service's name for each sampled one.
-SAMPLERS: tuple[str, ...] = ("full", "uniform", "unigram", "midx-rq")
-SERVICE_SAMPLERS = {"uniform": "uniform", "unigram": "unigram", "midx-rq": "midx"}
+# The samplers the main job compares, and the service's name for each sampled one. midx-rq keeps the
+# k-means codebooks the index was built with; midx-rq-kl has them replaced by learned (KL) codebooks
+# every `kl_refit_every` steps.
+SAMPLERS: tuple[str, ...] = ("full", "uniform", "unigram", "midx-rq", "midx-rq-kl")
+SERVICE_SAMPLERS = {"uniform": "uniform", "unigram": "unigram", "midx-rq": "midx", "midx-rq-kl": "midx"}
+KL_REFIT_SAMPLERS = frozenset({"midx-rq-kl"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class TrainingConfig:
     push_every: int = 5
     eval_every: int = 100
     eval_tokens: int = 1024
+    kl_refit_every: int = 50
     seed: int = 0
     correct_positive: bool = True
 
@@ -50,13 +54,22 @@ class CurvePoint:
     perplexity: float
 
 
+@dataclass(frozen=True)
+class RefitPoint:
+    """A learned refit the trainer requested after `step` steps, and its outcome."""
+
+    step: int
+    outcome: KlRefit
+
+
 @dataclass
 class RunResult:
     """Measurements of one sampler's run.
 
     seconds: training wall time, held-out evaluations excluded. service_seconds: the part of it spent
-    waiting for sample and row-update calls. setup_seconds: creating the index and uploading the
-    table, not counted in `seconds`.
+    waiting for sample, row-update and refit calls. setup_seconds: creating the index and uploading
+    the table, not counted in `seconds`. seed: the seed of the data order, the starting model and the
+    draws. refits: the learned refits of a midx-rq-kl run, whose waits count in `seconds`.
     """
 
     sampler: str
@@ -64,7 +77,13 @@ class RunResult:
     seconds: float
     service_seconds: float
     setup_seconds: float
+    seed: int = 0
     curve: list[CurvePoint] = field(default_factory=list)
+    refits: list[RefitPoint] = field(default_factory=list)
+
+    @property
+    def refit_seconds(self) -> float:
+        return sum(point.outcome.seconds for point in self.refits)
 
     @property
     def perplexity(self) -> float:
@@ -170,7 +189,7 @@ class Trainer:
         if source is not None:
             state.min_version = source.upload(self.glove, weights)
         setup_seconds = time.perf_counter() - started
-        result = RunResult(sampler, self.config.steps, 0.0, 0.0, setup_seconds)
+        result = RunResult(sampler, self.config.steps, 0.0, 0.0, setup_seconds, seed=self.config.seed)
         result.curve.append(CurvePoint(0, 0.0, self.initial_perplexity))
         progress_every = max(1, self.config.steps // 10)
 
@@ -181,8 +200,14 @@ class Trainer:
                 loss = state.full_softmax_step(contexts, targets)
             else:
                 loss = state.sampled_step(source, SERVICE_SAMPLERS[sampler], contexts, targets)
-                if step % self.config.push_every == 0 or step == self.config.steps:
+                refit = (
+                    sampler in KL_REFIT_SAMPLERS and step % self.config.kl_refit_every == 0 and step < self.config.steps
+                )
+                if refit or step % self.config.push_every == 0 or step == self.config.steps:
                     state.push_changed_rows(source)
+                if refit:
+                    result.refits.append(RefitPoint(step, state.refit_kl(source)))
+                    self._log_refit(sampler, result.refits[-1])
             result.seconds += time.perf_counter() - step_started
 
             evaluate = step % self.config.eval_every == 0 or step == self.config.steps
@@ -192,6 +217,18 @@ class Trainer:
                 self._log_progress(result, state, step, loss, evaluate)
         result.service_seconds = state.service_seconds
         return result
+
+    def _log_refit(self, sampler: str, point: RefitPoint) -> None:
+        outcome = point.outcome
+        logger.info(
+            "%s: step %d, learned refit %s in %.1f s, held-out KL %.3f -> %.3f",
+            sampler,
+            point.step,
+            "accepted" if outcome.accepted else "rejected",
+            outcome.seconds,
+            outcome.heldout_kl_before,
+            outcome.heldout_kl_after,
+        )
 
     def _log_progress(self, result: RunResult, state: _RunState, step: int, loss: float, evaluated: bool) -> None:
         perplexity = f", held-out perplexity {result.perplexity:.1f}" if evaluated else ""
@@ -290,3 +327,10 @@ class _RunState:
         started = time.perf_counter()
         self.min_version = source.push_rows(ids.numpy(), self.table[ids].numpy())
         self.service_seconds += time.perf_counter() - started
+
+    def refit_kl(self, source: NegativeSource) -> KlRefit:
+        started = time.perf_counter()
+        outcome = source.refit_kl()
+        self.service_seconds += time.perf_counter() - started
+        self.min_version = max(self.min_version, outcome.version)
+        return outcome
