@@ -50,7 +50,7 @@ def test_demo_runs_every_sampler_through_service(tmp_path: Path, capsys: pytest.
     assert END_MARKER in text
     assert "| midx-rq |" in text
     assert "| midx-rq-kl |" in text
-    assert "had the service learn its codebooks by KL after steps 2" in text
+    assert "had the service learn its codebooks by KL after steps 2," in text
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

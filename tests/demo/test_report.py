@@ -130,9 +130,9 @@ def test_markdown_reports_seeds_and_refits() -> None:
     assert "| midx-rq-kl | 352.0 ± 2.8 |" in text
     assert "| sampler | seed 0 | seed 1 |" in text
     assert "| midx-rq-kl | 350.0 | 354.0 |" in text
-    assert "after steps 5" in text
+    assert "after steps 5," in text
     assert "2 of 2 refits were accepted" in text
-    assert "2.50 to 1.00 at step 5" in text
+    assert "| 5 | 2.500 | 1.000 |" in text
 
 
 def test_json_lists_runs_refits_and_summary() -> None:
@@ -158,7 +158,8 @@ def test_table_shows_spread_and_refits() -> None:
     table = format_table(_seeded_results())
 
     assert "370.0 ± 14.1" in table
-    assert "midx-rq-kl had the service learn its codebooks" in table
+    assert "midx-rq-kl: 2 of 2 learned refits accepted, 4.0 s per run" in table
+    assert "2.50 -> 1.00 at step 5" in table
 
 
 def test_plot_is_png(tmp_path: Path) -> None:

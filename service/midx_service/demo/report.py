@@ -189,7 +189,7 @@ def render_markdown(
         lines += [
             "",
             f"Each sampler was trained once per seed ({', '.join(map(str, seeds))}); the seed sets the data "
-            "order, the starting model and the draws, while the held-out words stay the same. Perplexity is "
+            "order, the starting model and the draws, but not the held-out words. Perplexity is "
             "the mean over the seeds with the sample standard deviation; the other columns are means.",
         ]
     lines += [
@@ -210,9 +210,9 @@ def render_markdown(
         )
     if len(seeds) > 1:
         lines += ["", _per_seed_table(summaries, seeds)]
-    refit_lines = [_refit_sentence(summary) for summary in summaries if _has_refits(summary)]
-    if refit_lines:
-        lines += ["", *refit_lines]
+    for summary in summaries:
+        if _has_refits(summary):
+            lines += ["", *_refit_markdown(summary)]
     if plot_name is not None:
         lines += ["", f"![held-out perplexity against training time]({plot_name})"]
     return "\n".join(lines) + "\n"
@@ -228,24 +228,52 @@ def _per_seed_table(summaries: Sequence[SamplerSummary], seeds: Sequence[int]) -
     return "\n".join(rows)
 
 
-def _refit_sentence(summary: SamplerSummary) -> str:
-    """Describe the learned refits of a sampler's runs: when, how long, and the KL they measured."""
-    steps = sorted({point.step for run in summary.runs for point in run.refits})
+def _refit_steps(summary: SamplerSummary) -> list[tuple[int, float, float]]:
+    """Return (step, mean KL before, mean KL after) of the learned refits at each step, over the runs."""
     points = [point for run in summary.runs for point in run.refits]
-    accepted = sum(point.outcome.accepted for point in points)
-    kl_changes = []
-    for step in steps:
+    rows = []
+    for step in sorted({point.step for point in points}):
         at_step = [point.outcome for point in points if point.step == step]
         before = statistics.fmean(outcome.heldout_kl_before for outcome in at_step)
         after = statistics.fmean(outcome.heldout_kl_after for outcome in at_step)
-        kl_changes.append(f"{before:.2f} to {after:.2f} at step {step}")
+        rows.append((step, before, after))
+    return rows
+
+
+def _refit_counts(summary: SamplerSummary) -> tuple[int, int]:
+    """Return how many of the sampler's learned refits were accepted, and how many ran."""
+    outcomes = [point.outcome for run in summary.runs for point in run.refits]
+    return sum(outcome.accepted for outcome in outcomes), len(outcomes)
+
+
+def _refit_sentence(summary: SamplerSummary) -> str:
+    """Summarise a sampler's learned refits in one line of the terminal output."""
+    steps = _refit_steps(summary)
+    accepted, total = _refit_counts(summary)
+    first, last = steps[0], steps[-1]
     return (
-        f"{summary.sampler} had the service learn its codebooks by KL after steps "
-        f"{', '.join(map(str, steps))}, from the queries the service recorded; {accepted} of {len(points)} "
-        f"refits were accepted. The proposal's KL(P || Q) on each refit's held-out queries went from "
-        f"{'; '.join(kl_changes)} (nats, mean over runs). The refits took {summary.refit_seconds:.1f} s per run, "
-        "counted in its seconds because the trainer waits for them."
+        f"{summary.sampler}: {accepted} of {total} learned refits accepted, {summary.refit_seconds:.1f} s per run. "
+        f"Held-out KL(P || Q) {first[1]:.2f} -> {first[2]:.2f} at step {first[0]}, "
+        f"{last[1]:.2f} -> {last[2]:.2f} at step {last[0]}"
     )
+
+
+def _refit_markdown(summary: SamplerSummary) -> list[str]:
+    """Describe a sampler's learned refits: when, how long, and the KL each one measured."""
+    steps = _refit_steps(summary)
+    accepted, total = _refit_counts(summary)
+    lines = [
+        f"{summary.sampler} had the service learn its codebooks by KL after steps "
+        f"{', '.join(str(step) for step, _, _ in steps)}, from the queries the service recorded. {accepted} of "
+        f"{total} refits were accepted. They took {summary.refit_seconds:.1f} s per run, which counts in its "
+        "seconds because the trainer waits for them. The proposal's KL(P || Q) in nats on each refit's held-out "
+        "queries, averaged over the runs:",
+        "",
+        "| after step | KL, old codebooks | KL, learned codebooks |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {step} | {before:.3f} | {after:.3f} |" for step, before, after in steps]
+    return lines
 
 
 def _has_refits(summary: SamplerSummary) -> bool:
