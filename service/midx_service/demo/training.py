@@ -305,8 +305,10 @@ class _RunState:
         batch, num_samples = negative_ids.shape
         touched, inverse = torch.unique(torch.cat([targets, negative_ids.flatten()]), return_inverse=True)
         rows = self.table[touched].requires_grad_(True)
-        positive_rows = rows[inverse[:batch]]
-        negative_rows = rows[inverse[batch:]].view(batch, num_samples, -1)
+        # index_select, not rows[inverse]: the backward of advanced indexing sums the gradients of
+        # repeated ids in a varying order on the CPU, which made runs of one seed differ.
+        positive_rows = rows.index_select(0, inverse[:batch])
+        negative_rows = rows.index_select(0, inverse[batch:]).view(batch, num_samples, -1)
         loss = sampled_softmax_loss(
             queries, positive_rows, negative_rows, targets, negatives, correct_positive=self.config.correct_positive
         )
