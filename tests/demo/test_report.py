@@ -159,7 +159,7 @@ def test_table_shows_spread_and_refits() -> None:
 
     assert "370.0 ± 14.1" in table
     assert "midx-rq-kl: 2 of 2 learned refits accepted, 4.0 s per run" in table
-    assert "2.50 -> 1.00 at step 5" in table
+    assert "Held-out KL(P || Q) 2.50 -> 1.00 at step 5\n" in table
 
 
 def test_plot_is_png(tmp_path: Path) -> None:

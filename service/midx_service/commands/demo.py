@@ -41,8 +41,8 @@ DEFAULT_PLOT = Path("docs/demo-perplexity.png")
 INDEX_NAME_PREFIX = "demo-glove-"
 
 # The default budget is meant to finish all five samplers within 10 minutes on 2 CPU cores, and
-# --quick within 3. They took 4 to 5.5 minutes and about 1 minute on the 2-core development machine
-# (see docs/benchmarks.md); the full softmax run takes most of it.
+# --quick within 3. On the 2-core development machine, otherwise idle, they took about 5 minutes and
+# 80 s (see docs/benchmarks.md); the full softmax and midx-rq-kl runs take most of it.
 FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
 QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512, kl_refit_every=40)
 DEFAULT_KL_REFIT_SECONDS = 20.0

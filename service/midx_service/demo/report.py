@@ -183,7 +183,7 @@ def render_markdown(
         f"row-update and refit calls. The whole job, with the corpus, the uploads and the evaluations, took "
         f"{context.total_seconds:.0f} s.",
         "",
-        f"The unigram sampler draws by {context.unigram_weights}; midx-rq is {context.midx_index}.",
+        f"The unigram sampler draws by {context.unigram_weights}. midx-rq is {context.midx_index}.",
     ]
     if len(seeds) > 1:
         lines += [
@@ -250,11 +250,11 @@ def _refit_sentence(summary: SamplerSummary) -> str:
     """Summarise a sampler's learned refits in one line of the terminal output."""
     steps = _refit_steps(summary)
     accepted, total = _refit_counts(summary)
-    first, last = steps[0], steps[-1]
+    shown = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
+    changes = ", ".join(f"{before:.2f} -> {after:.2f} at step {step}" for step, before, after in shown)
     return (
         f"{summary.sampler}: {accepted} of {total} learned refits accepted, {summary.refit_seconds:.1f} s per run. "
-        f"Held-out KL(P || Q) {first[1]:.2f} -> {first[2]:.2f} at step {first[0]}, "
-        f"{last[1]:.2f} -> {last[2]:.2f} at step {last[0]}"
+        f"Held-out KL(P || Q) {changes}"
     )
 
 
@@ -269,7 +269,7 @@ def _refit_markdown(summary: SamplerSummary) -> list[str]:
         "seconds because the trainer waits for them. The proposal's KL(P || Q) in nats on each refit's held-out "
         "queries, averaged over the runs:",
         "",
-        "| after step | KL, old codebooks | KL, learned codebooks |",
+        "| after step | KL before the refit | KL after the refit |",
         "|---:|---:|---:|",
     ]
     lines += [f"| {step} | {before:.3f} | {after:.3f} |" for step, before, after in steps]
