@@ -978,7 +978,10 @@ class IndexRegistry:
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
-            raise NotFoundError(f"index {name!r} not found; create it with PUT /v1/indexes/{name}")
+            raise NotFoundError(
+                f"index {name!r} not found; create it first (client.create_index, gRPC CreateIndex, "
+                f"or REST PUT /v1/indexes/{name})"
+            )
         return entry
 
     @staticmethod
@@ -1022,7 +1025,8 @@ def _no_table_error(entry: _Entry) -> MidxError:
             f"index {entry.name!r} has no table because its build failed ({entry.error}); upload the table again"
         )
     return FailedPreconditionError(
-        f"index {entry.name!r} has no table yet; upload embeddings first (PUT /v1/indexes/{entry.name}/embeddings)"
+        f"index {entry.name!r} has no table yet; upload embeddings first (client.upload_embeddings, gRPC "
+        f"UploadEmbeddings, or REST PUT /v1/indexes/{entry.name}/embeddings)"
     )
 
 
