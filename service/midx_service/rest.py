@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from midx_service.arrays import (
     NPY_CONTENT_TYPE,
@@ -309,9 +310,14 @@ def _refit_report_body(report: RefitReport) -> dict[str, Any]:
     }
 
 
-def _error_response(status: int, code: str, message: str) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "www-authenticate": "Bearer"}
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# Error codes of the HTTP errors the framework raises itself (unknown route, wrong method).
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 # ---------------------------------------------------------------------------------------- bodies
@@ -556,6 +562,13 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         else:
             logger.debug("%s %s rejected with %d: %s", request.method, request.url.path, status, error)
         return _error_response(status, error.code, str(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and methods get the same error body as the service's own errors.
+        code = _HTTP_ERROR_CODES.get(error.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return _error_response(error.status_code, code, message, dict(error.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -101,6 +101,20 @@ def test_health_and_ready_routes(http: httpx.Client) -> None:
     _error(http.get("/readyz"), 503, "unavailable")
 
 
+def test_unknown_route_and_method_use_error_shape(http: httpx.Client) -> None:
+    missing = http.get("/v1/nonexistent")
+    wrong_method = http.delete("/healthz")
+
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert "GET /v1/nonexistent" in missing.json()["error"]["message"]
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "GET"
+    # The server keeps serving after both.
+    assert http.get("/healthz").status_code == 200
+
+
 def test_readyz_counts_index_serving_during_rebuild(
     start_server: Any, hold_compute: Any, poll: Any, table: np.ndarray
 ) -> None:
