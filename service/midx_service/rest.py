@@ -794,7 +794,14 @@ def create_app(service: SamplerService, *, is_stopping: Callable[[], bool] = lam
         queries = None if body.queries is None else from_json(body.queries, "queries", np.float32)
         return {"version": await service.rebuild(name, body.mode, queries)}
 
-    @app.get("/metrics", summary="Prometheus metrics", tags=["health"], dependencies=[Depends(require_token)])
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        tags=["health"],
+        dependencies=[Depends(require_token)],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -457,6 +457,8 @@ def test_openapi_documents_routes_and_errors(http: httpx.Client) -> None:
     assert references <= set(spec["components"]["schemas"]), "every schema reference must resolve"
     assert "/v1/indexes/{name}/log-prob" in spec["paths"]
     assert "/v1/indexes/{name}/rebuild" in spec["paths"]
+    metrics_content = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics_content) == [http.get("/metrics").headers["content-type"]]
 
 
 # --------------------------------------------------------------------- learned refits, telemetry
