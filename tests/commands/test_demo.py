@@ -96,10 +96,15 @@ def test_demo_rejects_unknown_sampler(capsys: pytest.CaptureFixture[str]) -> Non
     ("arguments", "message"),
     [
         (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
-        (["--seeds", "1,1"], "--seeds takes one or more distinct integers"),
+        (["--seeds", "1,1"], "--seeds takes distinct integers of 0 or more, got '1,1'"),
+        (["--seeds", "0,-1"], "--seeds takes distinct integers of 0 or more, got '0,-1'"),
+        (["--seeds", "0,,1"], "--seeds takes comma-separated integers, got '0,,1'"),
+        (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+        (["--kl-refit-seconds", "inf"], "--kl-refit-seconds must be above 0 and at most 86400, got inf"),
+        (["--kl-refit-seconds", "nan"], "--kl-refit-seconds must be above 0 and at most 86400, got nan"),
         (["--seeds", "0,1", "--seed", "2"], "--seed and --seeds are mutually exclusive"),
         (["--kl-refit-every", "0"], "--kl-refit-every must be at least 1, got 0"),
-        (["--kl-refit-seconds", "0"], "--kl-refit-seconds must be above 0, got 0.0"),
+        (["--kl-refit-seconds", "0"], "--kl-refit-seconds must be above 0 and at most 86400, got 0.0"),
     ],
 )
 def test_demo_rejects_bad_budget(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,6 +46,8 @@ INDEX_NAME_PREFIX = "demo-glove-"
 FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
 QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512, kl_refit_every=40)
 DEFAULT_KL_REFIT_SECONDS = 20.0
+# The service's own limit on kl_refit_time_budget_seconds (one day).
+MAX_KL_REFIT_SECONDS = 86400.0
 # Seed of the held-out sample; 1 keeps the words that runs with the default seed 0 were evaluated on.
 HELDOUT_SEED = 1
 
@@ -321,8 +323,12 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if args.num_classes is not None and args.num_classes < 2:
         raise ValueError(f"--num-classes must be at least 2, got {args.num_classes}")
-    if not args.kl_refit_seconds > 0:
-        raise ValueError(f"--kl-refit-seconds must be above 0, got {args.kl_refit_seconds}")
+    if not 0 < args.kl_refit_seconds <= MAX_KL_REFIT_SECONDS:
+        raise ValueError(
+            f"--kl-refit-seconds must be above 0 and at most {MAX_KL_REFIT_SECONDS:g}, got {args.kl_refit_seconds}"
+        )
+    if config.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {config.seed}")
     return config
 
 
@@ -333,11 +339,11 @@ def _seeds(args: argparse.Namespace, config: TrainingConfig) -> list[int]:
     if args.seed is not None:
         raise ValueError("--seed and --seeds are mutually exclusive; pass only one of them")
     try:
-        seeds = [int(part) for part in args.seeds.split(",") if part.strip()]
+        seeds = [int(part) for part in args.seeds.split(",")]
     except ValueError:
         raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds takes one or more distinct integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds takes distinct integers of 0 or more, got {args.seeds!r}")
     return seeds
 
 
