@@ -99,13 +99,19 @@ class _IndexCollector(Collector):
             "Mean relative residual norm of the index's codes.",
             labels=["index"],
         )
-        ready = GaugeMetricFamily("midx_index_ready", "1 when the index is ready, else 0.", labels=["index"])
+        ready = GaugeMetricFamily(
+            "midx_index_ready",
+            "1 when the index can serve samples, also while it builds a new table or refits; else 0.",
+            labels=["index"],
+        )
+        # The same rule as /readyz, so the gauge and the probe never disagree.
+        unready = {state.name for state in self._registry.unready()}
         for state in self._registry.states():
             version.add_metric([state.name], state.version)
             classes.add_metric([state.name], state.num_classes)
             build.add_metric([state.name], state.build_seconds)
             error.add_metric([state.name], state.quantization_error)
-            ready.add_metric([state.name], 1.0 if state.status.value == "ready" else 0.0)
+            ready.add_metric([state.name], 0.0 if state.name in unready else 1.0)
         yield from (version, classes, build, error, ready)
         yield from _quality_gauges(self._registry.states())
 

@@ -99,6 +99,7 @@ def test_health_and_ready_routes(http: httpx.Client) -> None:
     http.put("/v1/indexes/empty", json={"dim": DIM})
 
     _error(http.get("/readyz"), 503, "unavailable")
+    assert 'midx_index_ready{index="empty"} 0.0' in http.get("/metrics").text
 
 
 def test_unknown_route_and_method_use_error_shape(http: httpx.Client) -> None:
@@ -130,10 +131,12 @@ def test_readyz_counts_index_serving_during_rebuild(
         poll(lambda: http.get("/v1/indexes/words").json()["status"] == "building", "the second build")
 
         ready = http.get("/readyz")
+        metrics = http.get("/metrics").text
 
         gate.open()
         upload.join(30)
         assert ready.status_code == 200, ready.text
+        assert 'midx_index_ready{index="words"} 1.0' in metrics
         assert _version(http) == 2
 
 
