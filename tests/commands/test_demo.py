@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 
 from midx_client import SamplerClient
 from midx_service.cli import main
+from midx_service.commands import demo as demo_command
+from midx_service.data.glove import MissingDataError
 from midx_service.demo.report import END_MARKER, START_MARKER
 from tests.conftest import RunningServer
 
@@ -112,6 +115,21 @@ def test_demo_rejects_bad_budget(arguments: list[str], message: str, capsys: pyt
 
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_warns_about_unused_refit_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def stop_before_loading(*args: object) -> None:
+        raise MissingDataError("stopped by the test before loading data")
+
+    monkeypatch.setattr(demo_command, "_prepare_job", stop_before_loading)
+
+    with caplog.at_level(logging.WARNING, logger="midx_service.commands.demo"):
+        code = main(["demo", "--samplers", "midx-rq", "--kl-refit-every", "10", "--no-write"])
+
+    assert code == 1
+    assert "--kl-refit-every applies only to the midx-rq-kl run" in caplog.text
 
 
 def test_demo_rejects_zero_steps(capsys: pytest.CaptureFixture[str]) -> None:

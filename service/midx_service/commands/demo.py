@@ -178,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 2
+    if args.kl_refit_every is not None and "midx-rq-kl" not in samplers:
+        logger.warning("--kl-refit-every applies only to the midx-rq-kl run, which --samplers leaves out")
     markdown_path, plot_path = _output_paths(args)
     started = time.perf_counter()
     # Other processes on the machine slow every step down; the load average goes next to the times.
