@@ -11,6 +11,7 @@ import torch
 
 from midx_service.core import IndexConfig, MidxIndex
 from midx_service.core.learned import fit_kl_codebooks
+from midx_service.reservoir import QueryReservoir
 
 
 class Negatives(Protocol):
@@ -148,9 +149,8 @@ class InProcessNegativeSource:
         self.config = config
         self.index: MidxIndex | None = None
         self.version = 0
-        self.max_recent_queries = max_recent_queries
         self.kl_refit_time_budget_seconds = kl_refit_time_budget_seconds
-        self._recent: list[torch.Tensor] = []
+        self.reservoir = QueryReservoir(max_recent_queries, config.dim)
 
     def upload(self, embeddings: np.ndarray, weights: np.ndarray | None) -> int:
         self.index = MidxIndex.build(self.config, embeddings, weights)
@@ -168,9 +168,7 @@ class InProcessNegativeSource:
         seed: int,
     ) -> Negatives:
         index = self._require_index()
-        self._recent.append(queries.detach().to(torch.float32).clone())
-        while sum(batch.shape[0] for batch in self._recent[1:]) >= self.max_recent_queries:
-            self._recent.pop(0)
+        self.reservoir.add(queries.detach().cpu().numpy())
         return index.sample(queries, num_samples, positives=positives, sampler=sampler, seed=seed)
 
     def push_rows(self, ids: np.ndarray, rows: np.ndarray) -> int:
@@ -197,13 +195,11 @@ class InProcessNegativeSource:
 
     def recent_queries(self) -> torch.Tensor:
         """Return the last `max_recent_queries` query rows sampled for, oldest first."""
-        if not self._recent:
-            return torch.empty(0, self.config.dim)
-        return torch.cat(self._recent)[-self.max_recent_queries :]
+        return torch.from_numpy(self.reservoir.recent())
 
     def close(self) -> None:
         self.index = None
-        self._recent.clear()
+        self.reservoir = QueryReservoir(self.reservoir.capacity, self.config.dim)
 
     def _require_index(self) -> MidxIndex:
         if self.index is None:
