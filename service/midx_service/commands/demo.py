@@ -29,7 +29,16 @@ from midx_service.demo.report import (
     results_json,
     write_plot,
 )
-from midx_service.demo.training import SAMPLERS, Batches, Evaluator, RunResult, Trainer, TrainingConfig
+from midx_service.demo.training import (
+    KL_REFIT_SAMPLERS,
+    SAMPLERS,
+    SERVICE_SAMPLERS,
+    Batches,
+    Evaluator,
+    RunResult,
+    Trainer,
+    TrainingConfig,
+)
 
 if TYPE_CHECKING:
     from midx_service.data.corpus import Split
@@ -41,8 +50,8 @@ DEFAULT_PLOT = Path("docs/demo-perplexity.png")
 INDEX_NAME_PREFIX = "demo-glove-"
 
 # The default budget is meant to finish all five samplers within 10 minutes on 2 CPU cores, and
-# --quick within 3. On the 2-core development machine, otherwise idle, they took about 5 minutes and
-# 80 s (see docs/benchmarks.md); the full softmax and midx-rq-kl runs take most of it.
+# --quick within 3. With little else running, the 2-core development machine took about 5 minutes
+# and 80 s (see docs/benchmarks.md). The full softmax and midx-rq-kl runs take most of that time.
 FULL_BUDGET = TrainingConfig(steps=400, batch_size=128, eval_every=100, eval_tokens=1024)
 QUICK_BUDGET = TrainingConfig(steps=80, batch_size=128, eval_every=20, eval_tokens=512, kl_refit_every=40)
 DEFAULT_KL_REFIT_SECONDS = 20.0
@@ -178,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"midx-sampler demo: {error}", file=sys.stderr)
         return 2
-    if args.kl_refit_every is not None and "midx-rq-kl" not in samplers:
+    if args.kl_refit_every is not None and KL_REFIT_SAMPLERS.isdisjoint(samplers):
         logger.warning("--kl-refit-every applies only to the midx-rq-kl run, which --samplers leaves out")
     markdown_path, plot_path = _output_paths(args)
     started = time.perf_counter()
@@ -370,7 +379,7 @@ def _weights_for(sampler: str, weights: np.ndarray, config: IndexConfig) -> np.n
     popularity last stage draws by the weights as they are. Raising them here makes midx-rq draw
     inside a cell by the same distribution that the unigram sampler draws from.
     """
-    if sampler.startswith("midx-rq") and config.last_stage == "popularity":
+    if SERVICE_SAMPLERS.get(sampler) == "midx" and config.last_stage == "popularity":
         return np.power(weights, config.unigram_alpha)
     return weights
 

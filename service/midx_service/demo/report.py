@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from midx_service.demo.training import CurvePoint, RunResult, TrainingConfig
+from midx_service.demo.training import CurvePoint, RefitPoint, RunResult, TrainingConfig
 
 START_MARKER = "<!-- demo:start -->"
 END_MARKER = "<!-- demo:end -->"
@@ -62,6 +62,11 @@ class SamplerSummary:
     def refit_seconds(self) -> float:
         return statistics.fmean(run.refit_seconds for run in self.runs)
 
+    @property
+    def refits(self) -> list[RefitPoint]:
+        """The learned refits of all the runs, run by run."""
+        return [point for run in self.runs for point in run.refits]
+
     def mean_curve(self) -> list[CurvePoint]:
         """Return the curve averaged over the runs, point by point; every run evaluates at the same steps."""
         return [
@@ -107,7 +112,7 @@ def results_json(results: Sequence[RunResult], config: TrainingConfig, context: 
             "hidden": config.hidden,
             "push_every": config.push_every,
             "kl_refit_every": config.kl_refit_every,
-            "seeds": sorted({result.seed for result in results}),
+            "seeds": _seeds(results),
         },
         "context": context.__dict__,
     }
@@ -156,7 +161,7 @@ def format_table(results: Sequence[RunResult]) -> str:
             f"{len(summary.runs):>5}"
         )
     lines.append(f"(held-out perplexity before training: {_initial_perplexity(results):.0f})")
-    lines += [_refit_sentence(summary) for summary in summaries if _has_refits(summary)]
+    lines += [_refit_sentence(summary) for summary in summaries if summary.refits]
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +171,7 @@ def render_markdown(
     """Return the docs/benchmarks.md section with the table, the setting and the plot."""
     today = datetime.date.today().isoformat()
     summaries = summarise(results)
-    seeds = sorted({result.seed for result in results})
+    seeds = _seeds(results)
     lines = [
         "## Main job: next-word training through the service",
         "",
@@ -211,7 +216,7 @@ def render_markdown(
     if len(seeds) > 1:
         lines += ["", _per_seed_table(summaries, seeds)]
     for summary in summaries:
-        if _has_refits(summary):
+        if summary.refits:
             lines += ["", *_refit_markdown(summary)]
     if plot_name is not None:
         lines += ["", f"![held-out perplexity against training time]({plot_name})"]
@@ -230,7 +235,7 @@ def _per_seed_table(summaries: Sequence[SamplerSummary], seeds: Sequence[int]) -
 
 def _refit_steps(summary: SamplerSummary) -> list[tuple[int, float, float]]:
     """Return (step, mean KL before, mean KL after) of the learned refits at each step, over the runs."""
-    points = [point for run in summary.runs for point in run.refits]
+    points = summary.refits
     rows = []
     for step in sorted({point.step for point in points}):
         at_step = [point.outcome for point in points if point.step == step]
@@ -242,16 +247,16 @@ def _refit_steps(summary: SamplerSummary) -> list[tuple[int, float, float]]:
 
 def _refit_counts(summary: SamplerSummary) -> tuple[int, int]:
     """Return how many of the sampler's learned refits were accepted, and how many ran."""
-    outcomes = [point.outcome for run in summary.runs for point in run.refits]
-    return sum(outcome.accepted for outcome in outcomes), len(outcomes)
+    refits = summary.refits
+    return sum(point.outcome.accepted for point in refits), len(refits)
 
 
 def _refit_sentence(summary: SamplerSummary) -> str:
     """Summarise a sampler's learned refits in one line of the terminal output."""
     steps = _refit_steps(summary)
     accepted, total = _refit_counts(summary)
-    shown = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
-    changes = ", ".join(f"{before:.2f} -> {after:.2f} at step {step}" for step, before, after in shown)
+    first_and_last = [steps[0]] if len(steps) == 1 else [steps[0], steps[-1]]
+    changes = ", ".join(f"{before:.2f} -> {after:.2f} at step {step}" for step, before, after in first_and_last)
     return (
         f"{summary.sampler}: {accepted} of {total} learned refits accepted, {summary.refit_seconds:.1f} s per run. "
         f"Held-out KL(P || Q) {changes}"
@@ -276,14 +281,14 @@ def _refit_markdown(summary: SamplerSummary) -> list[str]:
     return lines
 
 
-def _has_refits(summary: SamplerSummary) -> bool:
-    return any(run.refits for run in summary.runs)
-
-
 def _perplexity_text(summary: SamplerSummary) -> str:
     if len(summary.runs) == 1:
         return f"{summary.perplexity:.1f}"
     return f"{summary.perplexity:.1f} ± {summary.perplexity_std:.1f}"
+
+
+def _seeds(results: Sequence[RunResult]) -> list[int]:
+    return sorted({result.seed for result in results})
 
 
 def _initial_perplexity(results: Sequence[RunResult]) -> float:
