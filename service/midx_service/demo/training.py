@@ -305,8 +305,8 @@ class _RunState:
         batch, num_samples = negative_ids.shape
         touched, inverse = torch.unique(torch.cat([targets, negative_ids.flatten()]), return_inverse=True)
         rows = self.table[touched].requires_grad_(True)
-        # index_select, not rows[inverse]: the backward of advanced indexing sums the gradients of
-        # repeated ids in a varying order on the CPU, which made runs of one seed differ.
+        # index_select, not rows[inverse], because on the CPU the backward of advanced indexing sums
+        # the gradients of repeated ids in a varying order, so runs of one seed would differ.
         positive_rows = rows.index_select(0, inverse[:batch])
         negative_rows = rows.index_select(0, inverse[batch:]).view(batch, num_samples, -1)
         loss = sampled_softmax_loss(
